@@ -1,0 +1,13 @@
+"""MusicGen in plain PyTorch: loads the published checkpoint layout and reproduces transformers exactly.
+
+Model math and per-sequence state only: no I/O beyond reading checkpoints, no networking.
+"""
+
+from .config import CheckpointError, MusicGenConfig
+from .generation import SequenceState, StepResult, decode_step
+from .model import GenerationOutput, MusicGen, TextConditioning
+from .sampling import SamplingParams
+from .tokenizer import PromptTooLongError
+
+__all__ = ["CheckpointError", "GenerationOutput", "MusicGen", "MusicGenConfig", "PromptTooLongError",
+           "SamplingParams", "SequenceState", "StepResult", "TextConditioning", "decode_step"]

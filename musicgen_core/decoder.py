@@ -1,0 +1,185 @@
+"""The MusicGen decoder language model: summed codebook embeddings, sinusoidal positions, pre-norm layers
+with a KV-cached self-attention and a precomputed cross-attention, one head per codebook.
+
+Parameter names follow transformers' `MusicgenForCausalLM` with the `model.decoder.` level removed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+from .state import CrossAttentionKV, KVCache
+
+
+def sinusoidal_positions(num_positions: int, width: int) -> torch.Tensor:
+    """(num_positions, width) table, cos half first then sin half (the tensor2tensor layout MusicGen uses)."""
+    half = width // 2
+    rate = math.log(10000) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.int64).float() * -rate)
+    angles = torch.arange(num_positions, dtype=torch.int64).float()[:, None] * frequencies[None, :]
+    table = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if width % 2:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
+    return table
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. For a few rows on CPU, `weight @ x.T` reads the weight once and runs 2-4x faster than
+    F.linear (measured in ../shared/NOTES.md); the results agree to float rounding."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= 16 and x.device.type == "cpu" and weight.dtype == x.dtype:
+        flat = x.reshape(rows, x.shape[-1])
+        return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.out_proj = nn.Linear(width, width, bias=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, time, width) -> (rows, heads, time, head_dim)"""
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_heads(linear(x, self.k_proj.weight)), self.split_heads(linear(x, self.v_proj.weight))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.self_attn = Attention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(width)
+        self.encoder_attn = Attention(config)
+        self.encoder_attn_layer_norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, config.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(config.ffn_dim, width, bias=False)
+        self.final_layer_norm = nn.LayerNorm(width)
+        if config.activation_function != "gelu":
+            raise ValueError(f"decoder activation {config.activation_function!r} is not supported")
+
+
+class MusicgenDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.ModuleList(
+            [nn.Embedding(config.vocab_size + 1, config.hidden_size) for _ in range(config.num_codebooks)])
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer_norm = nn.LayerNorm(config.hidden_size)
+        self.lm_heads = nn.ModuleList(
+            [nn.Linear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_codebooks)])
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
+
+    def prepare(self) -> None:
+        """Build the non-persistent position table on the weights' device and dtype (after loading)."""
+        weight = self.layer_norm.weight
+        table = sinusoidal_positions(self.config.max_position_embeddings, self.config.hidden_size)
+        self.positions = table.to(device=weight.device, dtype=weight.dtype)
+
+    # -- per-sequence state -------------------------------------------------------------------------------
+
+    def allocate_cache(self, rows: int, capacity: int) -> KVCache:
+        if capacity > self.config.max_position_embeddings:
+            raise ValueError(f"cache capacity {capacity} exceeds the model's "
+                             f"{self.config.max_position_embeddings} positions")
+        weight = self.layer_norm.weight
+        return KVCache.allocate(self.config.num_hidden_layers, rows, self.config.num_attention_heads,
+                                self.config.head_dim, capacity, weight.dtype, weight.device)
+
+    def cross_attention_kv(self, hidden: torch.Tensor, mask: torch.Tensor) -> CrossAttentionKV:
+        """Keys/values of the conditioning for every layer. hidden: (rows, text_len, width), already projected
+        and zeroed where masked; mask: (rows, text_len), 1 where a row may attend."""
+        keys, values = [], []
+        for layer in self.layers:
+            k, v = layer.encoder_attn.project_kv(hidden)
+            keys.append(k)
+            values.append(v)
+        additive = (1.0 - mask.to(hidden.dtype))[:, None, None, :] * torch.finfo(hidden.dtype).min
+        return CrossAttentionKV(torch.stack(keys), torch.stack(values), additive)
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens: (codebooks, time) -> (time, width) summed embeddings plus positions start..start+time."""
+        summed = sum(self.embed_tokens[k](tokens[k]) for k in range(self.config.num_codebooks))
+        if start + tokens.shape[1] > self.positions.shape[0]:
+            raise ValueError(f"position {start + tokens.shape[1]} is past the model's "
+                             f"{self.positions.shape[0]} positions")
+        return summed * self.embed_scale + self.positions[start: start + tokens.shape[1]]
+
+    def forward(self, tokens: list[torch.Tensor], caches: list[KVCache], crosses: list[CrossAttentionKV],
+                last_only: bool = True) -> list[torch.Tensor]:
+        """Advance a batch of sequences. tokens[i]: (codebooks, time) new input columns of sequence i, all
+        sequences with the same `time`; caches[i] is extended in place. Returns logits[i]:
+        (rows_i, codebooks, time or 1, vocab) in float32."""
+        times = {t.shape[1] for t in tokens}
+        if len(times) != 1:
+            raise ValueError("every sequence in a batched step must feed the same number of columns")
+        time = times.pop()
+        rows = [cache.rows for cache in caches]
+        x = torch.cat([self.embed(t, c.length)[None].expand(r, -1, -1) for t, c, r in zip(tokens, caches, rows)])
+        bounds = [0]
+        for r in rows:
+            bounds.append(bounds[-1] + r)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(layer, index, x, bounds, caches, crosses, time)
+        for cache in caches:
+            cache.length += time
+        x = self.layer_norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = torch.stack([linear(x, head.weight) for head in self.lm_heads], dim=1).float()
+        return [logits[bounds[i]: bounds[i + 1]] for i in range(len(caches))]
+
+    def _layer(self, layer: DecoderLayer, index: int, x: torch.Tensor, bounds: list[int],
+               caches: list[KVCache], crosses: list[CrossAttentionKV], time: int) -> torch.Tensor:
+        attn = layer.self_attn
+        h = layer.self_attn_layer_norm(x)
+        q = attn.split_heads(linear(h, attn.q_proj.weight))
+        k, v = attn.project_kv(h)
+        outputs = []
+        for i, cache in enumerate(caches):
+            rows = slice(bounds[i], bounds[i + 1])
+            start, end = cache.length, cache.length + time
+            if end > cache.capacity:
+                raise ValueError(f"KV cache full: {end} positions > capacity {cache.capacity}")
+            cache.keys[index, :, :, start:end] = k[rows]
+            cache.values[index, :, :, start:end] = v[rows]
+            mask = None
+            if time > 1:  # prefill: causal within the new columns, everything before them visible
+                visible = torch.ones(time, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                mask = visible
+            outputs.append(F.scaled_dot_product_attention(
+                q[rows], cache.keys[index, :, :, :end], cache.values[index, :, :, :end], attn_mask=mask))
+        x = x + self._merge(attn, torch.cat(outputs))
+
+        cross = layer.encoder_attn
+        h = layer.encoder_attn_layer_norm(x)
+        q = cross.split_heads(linear(h, cross.q_proj.weight))
+        outputs = [F.scaled_dot_product_attention(
+            q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], attn_mask=kv.mask)
+            for i, kv in enumerate(crosses)]
+        x = x + self._merge(cross, torch.cat(outputs))
+
+        h = layer.final_layer_norm(x)
+        return x + linear(F.gelu(linear(h, layer.fc1.weight)), layer.fc2.weight)
+
+    @staticmethod
+    def _merge(attn: Attention, heads: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, time, head_dim) -> out_proj of (rows, time, width)"""
+        rows, _, time, _ = heads.shape
+        return linear(heads.transpose(1, 2).reshape(rows, time, -1), attn.out_proj.weight)

@@ -1,0 +1,84 @@
+"""Sampling parameters and next-token choice: classifier-free guidance, then temperature, top-k, top-p
+(transformers' order), then greedy argmax or a draw from the sequence's own seeded generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import GenerationDefaults
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    guidance_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def from_defaults(cls, defaults: GenerationDefaults, **overrides) -> "SamplingParams":
+        """The checkpoint's generation_config.json values, then explicit overrides (None = keep)."""
+        params = cls(guidance_scale=defaults.guidance_scale, temperature=defaults.temperature,
+                     top_k=defaults.top_k, top_p=defaults.top_p, greedy=not defaults.do_sample)
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return replace(params, **given).validated()
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def validated(self) -> "SamplingParams":
+        """Self, or ValueError naming the first out-of-range field."""
+        if not math.isfinite(self.guidance_scale) or not 0.0 <= self.guidance_scale <= 100.0:
+            raise ValueError(f"guidance_scale must be in [0, 100], got {self.guidance_scale}")
+        if not math.isfinite(self.temperature) or not 0.0 < self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in (0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        return self
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def guided_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: (rows, codebooks, vocab) with rows = [conditional, unconditional] under guidance."""
+    if logits.shape[0] == 2:
+        conditional, unconditional = logits[0], logits[1]
+        return unconditional + (conditional - unconditional) * params.guidance_scale
+    return logits[0]
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """(rows, codebooks, vocab) float32 logits -> (codebooks,) token ids."""
+    scores = guided_logits(logits, params)
+    if params.greedy:
+        return scores.argmax(dim=-1)
+    scores = scores / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False, dim=-1)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - params.top_p)
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,61 @@
+"""Per-sequence decoder state: the self-attention KV cache and the cross-attention keys/values.
+
+Both are plain tensors owned by one sequence (one session in the server). The decoder's step function takes
+a batch of them and writes into the caches in place, so their storage never moves between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Self-attention keys and values for every layer of one sequence's rows (conditional [, unconditional]).
+
+    keys, values: (layers, rows, heads, capacity, head_dim), preallocated; `length` positions are valid.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, layers: int, rows: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (layers, rows, heads, capacity, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def clone(self) -> "KVCache":
+        return KVCache(self.keys.clone(), self.values.clone(), self.length)
+
+
+@dataclass
+class CrossAttentionKV:
+    """Cross-attention keys/values of one conditioning, computed once and reused by every step.
+
+    keys, values: (layers, rows, heads, text_len, head_dim); mask: (rows, 1, 1, text_len) additive
+    (0 where the row attends, the dtype's minimum where it does not, as transformers masks padding).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[1]
