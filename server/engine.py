@@ -1,0 +1,223 @@
+"""The engine: one scheduler thread owns the model and advances every ready session in one batched step.
+
+Transport code (any thread) opens sessions and sends them commands through `SessionHandle`; commands are queued
+and applied on the scheduler thread between steps, so a session's state is only ever touched by one thread.
+Events go out through the sink callback each session was opened with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from musicgen_core import MusicGen
+
+from .events import Event, FinishReason, OrderError, SessionLimitError, SessionSpec
+from .session import Limits, Session
+
+log = logging.getLogger("musicgen.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_sessions: int = 8
+    window_frames: int | None = None  # decoder context per sequence; None: min(model limit, 30 s)
+    reprime_frames: int | None = None  # context kept at a re-prime; None: 40% of the window (12 s of 30 s)
+    max_batch: int = 32  # sessions per decoder step
+
+
+class SessionHandle:
+    """Thread-safe steering of one session. Every method only queues; the engine applies between steps."""
+
+    def __init__(self, engine: "Engine", session: Session):
+        self._engine = engine
+        self._session = session
+        self.id = session.id
+
+    def set_prompt(self, text: str) -> None:
+        self._engine._command(self._session, "set_prompt", text)
+
+    def append_audio(self, audio: np.ndarray) -> None:
+        self._engine._command(self._session, "append_audio", audio)
+
+    def ack(self, samples_played: int) -> None:
+        self._engine._command(self._session, "ack", samples_played)
+
+    def pause(self) -> None:
+        self._engine._command(self._session, "pause")
+
+    def resume(self) -> None:
+        self._engine._command(self._session, "resume")
+
+    def stop(self) -> None:
+        self._engine._command(self._session, "stop")
+
+    def close(self) -> None:
+        """The client is gone: free the session without sending anything more."""
+        self._engine._command(self._session, "close")
+
+
+class Engine:
+    def __init__(self, model: MusicGen, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        self.limits = self._limits(model, config)
+        self._sessions: dict[str, Session] = {}
+        self._joining: deque[Session] = deque()
+        self._commands: deque[tuple[Session, str, object]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._counter = itertools.count(1)
+        self.steps = 0
+
+    @staticmethod
+    def _limits(model: MusicGen, config: EngineConfig) -> Limits:
+        decoder = model.config.decoder
+        most = decoder.max_position_embeddings - 1 - decoder.max_delay
+        window = min(most, 30 * model.config.frame_rate) if config.window_frames is None else config.window_frames
+        if not 2 <= window <= most:
+            raise ValueError(f"window_frames must be in [2, {most}] for this model, got {window}")
+        reprime = int(0.4 * window) if config.reprime_frames is None else config.reprime_frames
+        if not 0 <= reprime < window:
+            raise ValueError(f"reprime_frames must be in [0, {window}), got {reprime}")
+        return Limits(window_frames=window, reprime_frames=reprime)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="musicgen-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Every session receives Finished(SERVER_SHUTDOWN) with its audio tail, then the thread stops."""
+        with self._lock:
+            for session in list(self._sessions.values()) + list(self._joining):
+                self._commands.append((session, "shutdown", None))
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self.active_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    @property
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions) + len(self._joining)
+
+    def open_session(self, spec: SessionSpec, sink: Callable[[Event], None]) -> SessionHandle:
+        """Admit a session (RESOURCE_EXHAUSTED past max_sessions); it starts on the next scheduler turn."""
+        with self._lock:
+            if len(self._sessions) + len(self._joining) >= self.config.max_sessions:
+                raise SessionLimitError(f"server is at its limit of {self.config.max_sessions} sessions; "
+                                        "try again when one ends")
+            session_id = f"{next(self._counter):06d}-{uuid.uuid4().hex[:8]}"
+            session = Session(session_id, spec, self.model, self.limits, sink)
+            self._joining.append(session)
+        self._wake.set()
+        return SessionHandle(self, session)
+
+    def _command(self, session: Session, name: str, argument: object = None) -> None:
+        with self._lock:
+            self._commands.append((session, name, argument))
+        self._wake.set()
+
+    # -- the scheduler ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            self._admit()
+            self._apply_commands()
+            ready = [s for s in self._sessions.values() if s.ready()][: self.config.max_batch]
+            if not ready:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            self._step(ready)
+        for session in list(self._sessions.values()):
+            session.release()
+        self._sessions.clear()
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._joining:
+                    return
+                session = self._joining.popleft()
+                self._sessions[session.id] = session
+            self._guard(session, session.begin)
+
+    def _apply_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                session, name, argument = self._commands.popleft()
+            if session.finished and name != "close":
+                continue
+            if name == "close":
+                session.release()
+            elif name == "stop":
+                self._guard(session, lambda: session.finish(FinishReason.STOPPED))
+            elif name == "shutdown":
+                self._guard(session, lambda: session.finish(FinishReason.SERVER_SHUTDOWN))
+            elif name == "ack":
+                session.ack(int(argument))
+            elif name in ("pause", "resume"):
+                getattr(session, name)()
+            elif name in ("set_prompt", "append_audio"):
+                self._guard(session, lambda: getattr(session, name)(argument))
+            else:
+                raise OrderError(f"unknown command {name}")
+            self._forget_finished()
+
+    def _step(self, ready: list[Session]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self.model.step([s.state for s in ready])
+        except Exception as error:  # one bad state must not take the others down: retry them one by one
+            log.exception("batched step failed; stepping sessions alone")
+            for session in ready:
+                self._guard(session, lambda: self._step_alone(session))
+            self._forget_finished()
+            return
+        seconds = time.perf_counter() - started
+        self.steps += 1
+        for session, result in zip(ready, results):
+            self._guard(session, lambda: session.after_step(result.completed_frame, seconds))
+        self._forget_finished()
+
+    def _step_alone(self, session: Session) -> None:
+        started = time.perf_counter()
+        (result,) = self.model.step([session.state])
+        session.after_step(result.completed_frame, time.perf_counter() - started)
+
+    def _guard(self, session: Session, action: Callable[[], None]) -> None:
+        """Run a session action; a failure ends that session with ERROR and leaves the others alone."""
+        try:
+            action()
+        except Exception as error:
+            log.exception("session %s failed", session.id)
+            if not session.finished:
+                try:
+                    session.finish(FinishReason.ERROR, f"{type(error).__name__}: {error}")
+                except Exception:
+                    session.release()
+
+    def _forget_finished(self) -> None:
+        with self._lock:
+            for session_id in [i for i, s in self._sessions.items() if s.finished]:
+                del self._sessions[session_id]

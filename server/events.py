@@ -1,0 +1,119 @@
+"""What a session asks for and what it emits, as plain dataclasses (the transport converts them to protobuf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from musicgen_core import SamplingParams
+
+
+class SpecError(ValueError):
+    """A request value out of range; `field` names it (the transport answers INVALID_ARGUMENT)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class OrderError(RuntimeError):
+    """A message that is valid but not now (FAILED_PRECONDITION)."""
+
+
+class SessionLimitError(RuntimeError):
+    """No room for another session (RESOURCE_EXHAUSTED)."""
+
+
+class Encoding(Enum):
+    FLOAT32 = "float32"
+    INT16 = "int16"
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    text: str | None  # None or '' = unconditional
+    params: SamplingParams
+    total_frames: int | None = None  # new frames to generate; None = unbounded
+    audio_prompt: np.ndarray | None = None  # (channels, samples) float32 at the model's rate
+    chunk_frames: int = 10
+    output_rate: int = 0  # 0 = the model's rate
+    encoding: Encoding = Encoding.FLOAT32
+    lookahead_frames: float | None = None  # None = exact decoding
+    max_lead_seconds: float | None = 2.0  # None = as fast as possible (no pacing)
+    client_name: str = ""
+
+
+@dataclass(frozen=True)
+class Started:
+    session_id: str
+    sample_rate: int
+    channels: int
+    encoding: Encoding
+    frame_rate: int
+    samples_per_frame: int  # at the model's rate
+    latency_samples: int  # algorithmic latency at the output rate
+    latency_delay_steps: int
+    latency_codec_samples: int  # at the model's rate
+    context_frames: int
+    prompt_frames: int
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    sequence: int
+    start_sample: int  # per channel, at the output rate, continuous from 0
+    first_frame: int  # frames whose codes fed this chunk (generated frames, session numbering)
+    frame_count: int
+    pcm: np.ndarray  # (channels, samples) float32
+    codes: np.ndarray  # (codebooks, frame_count) int64: the frames this chunk fed to the codec
+    prompt: str
+    prompt_revision: int
+    params: SamplingParams
+
+
+class NoticeKind(Enum):
+    PROMPT_APPLIED = "prompt_applied"
+    CONTEXT_REPRIMED = "context_reprimed"
+    AUDIO_APPENDED = "audio_appended"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: NoticeKind
+    frame: int
+    message: str
+
+
+class FinishReason(Enum):
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    SERVER_SHUTDOWN = "server_shutdown"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    total_frames: int
+    total_samples: int
+    steps: int
+    mean_step_ms: float
+    message: str = ""
+
+
+Event = Started | AudioChunk | Notice | Finished
+
+
+@dataclass
+class SessionStats:
+    steps: int = 0
+    step_seconds: float = 0.0
+    frames: int = 0
+    samples: int = 0
+    reprimes: int = 0
+    extra: dict = field(default_factory=dict)
