@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from musicgen_core import MusicGen
+from musicgen_core import MusicGen, SamplingParams
 
-from .events import Event, FinishReason, OrderError, SessionLimitError, SessionSpec
+from .events import Event, FinishReason, OrderError, SessionLimitError, SessionSpec, SpecError
 from .session import Limits, Session
 
 log = logging.getLogger("musicgen.engine")
@@ -42,11 +42,12 @@ class SessionHandle:
         self._session = session
         self.id = session.id
 
-    def set_prompt(self, text: str) -> None:
-        self._engine._command(self._session, "set_prompt", text)
+    def set_prompt(self, text: str | None, params: SamplingParams | None = None) -> None:
+        self._engine._command(self._session, "set_prompt", (text, params))
 
-    def append_audio(self, audio: np.ndarray) -> None:
-        self._engine._command(self._session, "append_audio", audio)
+    def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:
+        """audio: (channels, samples) float32 at the model's rate."""
+        self._engine._command(self._session, "append_audio", (audio, replace_context))
 
     def ack(self, samples_played: int) -> None:
         self._engine._command(self._session, "ack", samples_played)
@@ -92,6 +93,20 @@ class Engine:
             raise ValueError(f"reprime_frames must be in [0, {window}), got {reprime}")
         return Limits(window_frames=window, reprime_frames=reprime)
 
+    def session_limits(self, spec: SessionSpec) -> Limits:
+        """The engine's window and re-prime size, narrowed by what the session asked for."""
+        window = self.limits.window_frames
+        if spec.context_frames:
+            if not 2 <= spec.context_frames <= window:
+                raise SpecError("context_frames", f"must be in [2, {window}], got {spec.context_frames}")
+            window = spec.context_frames
+        reprime = min(self.limits.reprime_frames, window - 1)
+        if spec.reprime_frames:
+            if not 1 <= spec.reprime_frames < window:
+                raise SpecError("reprime_keep_frames", f"must be in [1, {window - 1}], got {spec.reprime_frames}")
+            reprime = spec.reprime_frames
+        return Limits(window_frames=window, reprime_frames=reprime)
+
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -125,7 +140,7 @@ class Engine:
                 raise SessionLimitError(f"server is at its limit of {self.config.max_sessions} sessions; "
                                         "try again when one ends")
             session_id = f"{next(self._counter):06d}-{uuid.uuid4().hex[:8]}"
-            session = Session(session_id, spec, self.model, self.limits, sink)
+            session = Session(session_id, spec, self.model, self.session_limits(spec), sink)
             self._joining.append(session)
         self._wake.set()
         return SessionHandle(self, session)

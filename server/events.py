@@ -43,6 +43,9 @@ class SessionSpec:
     lookahead_frames: float | None = None  # None = exact decoding
     max_lead_seconds: float | None = 2.0  # None = as fast as possible (no pacing)
     client_name: str = ""
+    context_frames: int = 0  # 0 = the engine's window
+    reprime_frames: int = 0  # 0 = the engine's default
+    start_paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,11 @@ class Started:
     latency_delay_steps: int
     latency_codec_samples: int  # at the model's rate
     context_frames: int
+    reprime_frames: int
     prompt_frames: int
+    exact_decoding: bool
+    lookahead_frames: float
+    paused: bool
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ class Session:
         self.emitted_samples = 0
         self.acked_samples = 0
         self.sequence = 0
-        self.paused = False
+        self.paused = spec.start_paused
         self.finished = False
         self.stats = SessionStats()
         self.created = time.monotonic()
@@ -112,8 +112,10 @@ class Session:
             encoding=spec.encoding, frame_rate=config.frame_rate,
             samples_per_frame=config.audio_encoder.hop_length, latency_samples=round(latency.samples * scale),
             latency_delay_steps=latency.delay_steps, latency_codec_samples=latency.codec_lookahead_samples,
-            context_frames=self.limits.window_frames,
-            prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1]))
+            context_frames=self.limits.window_frames, reprime_frames=self.limits.reprime_frames,
+            prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1], exact_decoding=latency.exact,
+            lookahead_frames=latency.codec_lookahead_samples / config.audio_encoder.hop_length,
+            paused=self.paused))
 
     def _start_sequence(self, text: str, prompt_codes: torch.Tensor | None) -> None:
         """A fresh decoder sequence continuing from prompt_codes (None: from nothing)."""
@@ -197,12 +199,21 @@ class Session:
 
     # -- steering (applied between steps) ----------------------------------------------------------------
 
-    def set_prompt(self, text: str) -> None:
-        """New conditioning from the next generated column; the self-attention cache is kept. Frames before the
-        reported one were fully generated under the old prompt."""
-        conditioning = self.model.encode_text([text])[0]
+    def set_prompt(self, change: tuple[str | None, SamplingParams | None]) -> None:
+        """New text and/or sampling from the next generated column; the self-attention cache is kept. Frames
+        before the reported one were fully generated under the old prompt."""
+        text, params = change
+        if params is not None:
+            if params.uses_guidance != self.params.uses_guidance:
+                raise ValueError("sampling.guidance_scale: cannot switch guidance on or off mid-session")
+            if params.seed is not None and params.seed != self.params.seed:
+                self._generator.manual_seed(params.seed)
+            self.params = params
+            self.state.params = params
+        if text is not None:
+            self.text = text
+        conditioning = self.model.encode_text([self.text])[0]
         self.state.cross = self.model.cross_attention(conditioning, self.params.uses_guidance)
-        self.text = text
         self.prompt_revision += 1
         grid = self.state.grid
         first_affected = max(grid.prompt_frames, grid.next_column - 1 - max(grid.delays))
@@ -210,13 +221,17 @@ class Session:
         self.sink(Notice(NoticeKind.PROMPT_APPLIED, frame, f"prompt revision {self.prompt_revision} applies "
                                                              f"from frame {frame}"))
 
-    def append_audio(self, audio: np.ndarray) -> None:
-        """Continue from this audio (channels, samples at the model's rate): it becomes the new context."""
+    def append_audio(self, appended: tuple[np.ndarray, bool]) -> None:
+        """Continue from this audio (channels, samples at the model's rate). replace_context: it alone becomes
+        the context (an exact offline continuation of it); otherwise it extends the recent context."""
+        audio, replace_context = appended
         codes = self.model.encode_audio(torch.from_numpy(audio)).cpu()
-        self.history = codes[:, -self.limits.window_frames:]
+        context = codes if replace_context else torch.cat([self.history, codes], dim=1)
+        keep = max(self.limits.reprime_frames, codes.shape[1])
+        prompt = context[:, -min(keep, self.limits.window_frames - 1):]
+        self.history = context[:, -self.limits.window_frames:]
         if self.pending:
             self._emit(self.audio.push(torch.stack(self.pending, dim=1)))
-        prompt = codes[:, -self.limits.reprime_frames:] if codes.shape[1] > self.limits.reprime_frames else codes
         self._start_sequence(self.text, prompt)
         self.sink(Notice(NoticeKind.AUDIO_APPENDED, self.frames_done,
                          f"continuing from {codes.shape[1]} frames of appended audio from frame {self.frames_done}"))

@@ -1,0 +1,229 @@
+"""Protobuf <-> engine conversions, with the validation that names the offending field.
+
+The only place (with service.py) where protobuf types appear on the server side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from musicgen.v1 import musicgen_pb2 as pb
+from musicgen_core import MusicGen, PromptTooLongError, SamplingParams
+
+from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
+                     SpecError, Started)
+
+SUPPORTED_OUTPUT_RATES = (44100, 48000)
+DEFAULT_CHUNK_FRAMES = 5
+MAX_CHUNK_FRAMES = 250
+DEFAULT_LEAD_SECONDS = 2.0
+MAX_LEAD_SECONDS = 60.0
+MAX_AUDIO_PROMPT_SECONDS = 30.0
+MIN_INPUT_RATE, MAX_INPUT_RATE = 8000, 192000
+
+ENCODINGS = {pb.AUDIO_ENCODING_FLOAT32_LE: Encoding.FLOAT32, pb.AUDIO_ENCODING_INT16_LE: Encoding.INT16}
+TO_PB_ENCODING = {value: key for key, value in ENCODINGS.items()}
+NOTICE_KINDS = {NoticeKind.PROMPT_APPLIED: pb.NOTICE_KIND_PROMPT_APPLIED,
+                NoticeKind.CONTEXT_REPRIMED: pb.NOTICE_KIND_CONTEXT_REPRIMED,
+                NoticeKind.AUDIO_APPENDED: pb.NOTICE_KIND_AUDIO_APPENDED,
+                NoticeKind.PAUSED: pb.NOTICE_KIND_PAUSED, NoticeKind.RESUMED: pb.NOTICE_KIND_RESUMED}
+FINISH_REASONS = {FinishReason.COMPLETED: pb.FINISH_REASON_COMPLETED, FinishReason.STOPPED: pb.FINISH_REASON_STOPPED,
+                  FinishReason.SERVER_SHUTDOWN: pb.FINISH_REASON_SERVER_SHUTDOWN,
+                  FinishReason.CANCELLED: pb.FINISH_REASON_STOPPED, FinishReason.ERROR: pb.FINISH_REASON_ERROR}
+
+
+# -- requests -------------------------------------------------------------------------------------------------
+
+def check_text(model: MusicGen, text: str, field: str) -> str:
+    try:
+        model.tokenizer.encode(text)
+    except PromptTooLongError as error:
+        raise SpecError(field, str(error)) from None
+    return text
+
+
+def sampling_from_pb(message: pb.Sampling, base: SamplingParams, field: str) -> SamplingParams:
+    """Fields set in the message override `base`; the result is validated with the field named."""
+    changes = {}
+    for name in ("guidance_scale", "temperature", "top_k", "top_p", "greedy", "seed"):
+        if message.HasField(name):
+            changes[name] = getattr(message, name)
+    params = SamplingParams(**{**base.__dict__, **changes})
+    try:
+        return params.validated()
+    except ValueError as error:
+        name = str(error).split(" ", 1)[0]
+        raise SpecError(f"{field}.{name}", str(error)) from None
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
+    message = pb.Sampling(guidance_scale=params.guidance_scale, temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p, greedy=params.greedy)
+    if params.seed is not None:
+        message.seed = params.seed
+    return message
+
+
+def audio_from_pb(message: pb.AudioData, field: str) -> tuple[np.ndarray, int]:
+    """-> ((channels, samples) float32, sample rate), every property checked."""
+    encoding = ENCODINGS.get(message.encoding)
+    if encoding is None:
+        raise SpecError(f"{field}.encoding", "must be FLOAT32_LE or INT16_LE")
+    if not MIN_INPUT_RATE <= message.sample_rate <= MAX_INPUT_RATE:
+        raise SpecError(f"{field}.sample_rate", f"must be in [{MIN_INPUT_RATE}, {MAX_INPUT_RATE}] Hz, "
+                                                f"got {message.sample_rate}")
+    if message.channels not in (1, 2):
+        raise SpecError(f"{field}.channels", f"must be 1 or 2, got {message.channels}")
+    width = 4 if encoding is Encoding.FLOAT32 else 2
+    frame_bytes = width * message.channels
+    if len(message.pcm) == 0:
+        raise SpecError(f"{field}.pcm", "is empty")
+    if len(message.pcm) % frame_bytes:
+        raise SpecError(f"{field}.pcm", f"{len(message.pcm)} bytes is not a whole number of "
+                                        f"{message.channels}-channel {width}-byte samples")
+    if encoding is Encoding.FLOAT32:
+        samples = np.frombuffer(message.pcm, dtype="<f4")
+        if not np.isfinite(samples).all():
+            raise SpecError(f"{field}.pcm", "contains NaN or Inf samples")
+    else:
+        samples = np.frombuffer(message.pcm, dtype="<i2").astype(np.float32) / 32768.0
+    audio = samples.reshape(-1, message.channels).T.astype(np.float32)
+    return audio, message.sample_rate
+
+
+def audio_for_model(model: MusicGen, audio: np.ndarray, rate: int, field: str,
+                    max_seconds: float = MAX_AUDIO_PROMPT_SECONDS) -> np.ndarray:
+    """Resample to the model's rate and map channels (mono duplicated for stereo models, stereo averaged for
+    mono ones)."""
+    if audio.shape[1] / rate > max_seconds:
+        raise SpecError(f"{field}.pcm", f"{audio.shape[1] / rate:.1f} s of audio; at most {max_seconds:g} s")
+    target = model.config.sampling_rate
+    if rate != target:
+        import soxr
+        audio = np.ascontiguousarray(soxr.resample(audio.T, rate, target, quality="HQ").T, dtype=np.float32)
+    channels = model.config.audio_channels
+    if audio.shape[0] != channels:
+        audio = np.repeat(audio.mean(axis=0, keepdims=True), channels, axis=0)
+    if audio.shape[1] == 0:
+        raise SpecError(f"{field}.pcm", "is shorter than one sample at the model's rate")
+    return np.ascontiguousarray(audio)
+
+
+def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field: str = "start") -> SessionSpec:
+    text = check_text(model, start.prompt, f"{field}.prompt")
+    params = sampling_from_pb(start.sampling, model.default_sampling(), f"{field}.sampling")
+    audio_prompt = None
+    if start.HasField("audio_prompt"):
+        audio, rate = audio_from_pb(start.audio_prompt, f"{field}.audio_prompt")
+        audio_prompt = audio_for_model(model, audio, rate, f"{field}.audio_prompt")
+    total = _duration_frames(model, start, paced, field)
+    chunk = start.chunk_frames or DEFAULT_CHUNK_FRAMES
+    if not 1 <= chunk <= MAX_CHUNK_FRAMES:
+        raise SpecError(f"{field}.chunk_frames", f"must be in [1, {MAX_CHUNK_FRAMES}], got {chunk}")
+    encoding = Encoding.FLOAT32
+    if start.output.encoding:
+        if start.output.encoding not in ENCODINGS:
+            raise SpecError(f"{field}.output.encoding", "must be FLOAT32_LE or INT16_LE")
+        encoding = ENCODINGS[start.output.encoding]
+    rate = start.output.sample_rate
+    if rate and rate != model.config.sampling_rate and rate not in SUPPORTED_OUTPUT_RATES:
+        raise SpecError(f"{field}.output.sample_rate", f"must be 0 (the model's {model.config.sampling_rate} Hz), "
+                                                       f"44100 or 48000, got {rate}")
+    if start.output.channels and start.output.channels != model.config.audio_channels:
+        raise SpecError(f"{field}.output.channels", f"the model makes {model.config.audio_channels} channel(s), "
+                                                    f"got {start.output.channels}")
+    lookahead = None
+    if start.HasField("decoder_lookahead_frames"):
+        lookahead = float(start.decoder_lookahead_frames)
+        if lookahead > 16:
+            raise SpecError(f"{field}.decoder_lookahead_frames", f"must be in [0, 16], got {lookahead:g}")
+    lead = start.max_lead_seconds
+    if not math.isfinite(lead) or lead < 0 or lead > MAX_LEAD_SECONDS:
+        raise SpecError(f"{field}.max_lead_seconds", f"must be in [0, {MAX_LEAD_SECONDS:g}], got {lead}")
+    if len(start.client_name) > 128:
+        raise SpecError(f"{field}.client_name", "at most 128 characters")
+    unpaced = start.unpaced or not paced
+    return SessionSpec(
+        text=text or None, params=params, total_frames=total, audio_prompt=audio_prompt, chunk_frames=chunk,
+        output_rate=rate if rate != model.config.sampling_rate else 0, encoding=encoding,
+        lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
+        client_name=start.client_name, context_frames=start.context_frames,
+        reprime_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
+
+
+def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field: str) -> int | None:
+    which = start.WhichOneof("duration")
+    if which == "duration_seconds":
+        seconds = start.duration_seconds
+        if not math.isfinite(seconds) or seconds <= 0 or seconds > 24 * 3600:
+            raise SpecError(f"{field}.duration_seconds", f"must be in (0, 86400], got {seconds}")
+        return math.ceil(seconds * model.config.frame_rate - 1e-9)
+    if which == "duration_frames":
+        if not 0 < start.duration_frames <= 24 * 3600 * model.config.frame_rate:
+            raise SpecError(f"{field}.duration_frames", f"must be > 0 and at most a day, got {start.duration_frames}")
+        return start.duration_frames
+    if not paced:
+        raise SpecError(f"{field}.duration_seconds", "Generate needs a duration (seconds or frames)")
+    return None
+
+
+# -- events -----------------------------------------------------------------------------------------------------
+
+def encode_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
+    """(channels, samples) float32 -> interleaved little-endian bytes."""
+    interleaved = np.ascontiguousarray(pcm.T)
+    if encoding is Encoding.INT16:
+        return np.clip(np.round(interleaved * 32767.0), -32768, 32767).astype("<i2").tobytes()
+    return interleaved.astype("<f4").tobytes()
+
+
+def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return_codes: bool) -> pb.SessionEvent:
+    if isinstance(event, Started):
+        return pb.SessionEvent(started=_started_to_pb(event, spec))
+    if isinstance(event, AudioChunk):
+        chunk = pb.AudioChunk(sequence=event.sequence, start_sample=event.start_sample,
+                              sample_count=event.pcm.shape[1], first_frame=event.first_frame,
+                              frame_count=event.frame_count, pcm=encode_pcm(event.pcm, spec.encoding),
+                              prompt=event.prompt, prompt_revision=event.prompt_revision,
+                              sampling=sampling_to_pb(event.params))
+        if return_codes:
+            chunk.codes.extend(event.codes.T.reshape(-1).tolist())
+        return pb.SessionEvent(audio=chunk)
+    if isinstance(event, Notice):
+        spf = started.samples_per_frame * started.sample_rate / _model_rate(started) if started else 0
+        return pb.SessionEvent(notice=pb.Notice(kind=NOTICE_KINDS[event.kind], frame=event.frame,
+                                                sample=round(event.frame * spf), message=event.message))
+    if isinstance(event, Finished):
+        stats = pb.SessionStats(steps=event.steps, mean_step_ms=event.mean_step_ms)
+        return pb.SessionEvent(finished=pb.Finished(reason=FINISH_REASONS[event.reason],
+                                                    total_frames=event.total_frames,
+                                                    total_samples=event.total_samples, message=event.message,
+                                                    stats=stats))
+    raise TypeError(f"unknown event {event!r}")
+
+
+def _model_rate(started: Started) -> int:
+    return started.frame_rate * started.samples_per_frame
+
+
+def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
+    scale = event.sample_rate / _model_rate(event)
+    message = pb.Started(
+        session_id=event.session_id,
+        output=pb.AudioFormat(encoding=TO_PB_ENCODING[event.encoding], sample_rate=event.sample_rate,
+                              channels=event.channels),
+        frame_rate=event.frame_rate, samples_per_frame=event.samples_per_frame * scale,
+        latency_samples=event.latency_samples,
+        latency=pb.Latency(codebook_delay_samples=round(event.latency_delay_steps * event.samples_per_frame * scale),
+                           decoder_lookahead_samples=round(event.latency_codec_samples * scale),
+                           chunk_samples=round(spec.chunk_frames * event.samples_per_frame * scale)),
+        context_frames=event.context_frames, reprime_keep_frames=event.reprime_frames,
+        sampling=sampling_to_pb(spec.params), chunk_frames=spec.chunk_frames,
+        decoder_lookahead_frames=math.ceil(event.lookahead_frames), exact_decoding=event.exact_decoding,
+        max_lead_seconds=spec.max_lead_seconds or 0.0, unpaced=spec.max_lead_seconds is None,
+        audio_prompt_frames=event.prompt_frames, prompt=spec.text or "", paused=event.paused)
+    if spec.total_frames is not None:
+        message.duration_frames = spec.total_frames
+    return message

@@ -1,0 +1,174 @@
+"""`musicgen-server`: load a model, start the engine, serve gRPC (with health and reflection) until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from musicgen.v1 import musicgen_pb2 as pb
+from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
+from musicgen_core import CheckpointError, MusicGen
+
+from .engine import Engine, EngineConfig
+from .service import MusicGenService
+
+log = logging.getLogger("musicgen.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every call must carry `authorization: Bearer <token>`; others get UNAUTHENTICATED."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return await continuation(details)
+        return _unauthenticated(await continuation(details))
+
+
+def _unauthenticated(handler):
+    async def deny_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+        yield  # pragma: no cover  (makes this an async generator)
+
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny_unary, handler.request_deserializer,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                 handler.response_serializer)
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 4 * 1024 * 1024
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: health_aio.HealthServicer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: health says NOT_SERVING, sessions get Finished(SERVER_SHUTDOWN), then the server stops."""
+        await self.health.enter_graceful_shutdown()
+        await asyncio.to_thread(self.engine.shutdown, grace)
+        await self.server.stop(grace)
+
+
+async def start_server(engine: Engine, options: ServerOptions) -> RunningServer:
+    interceptors = [BearerTokenInterceptor(options.token)] if options.token else []
+    limits = [("grpc.max_receive_message_length", options.max_message_bytes),
+              ("grpc.max_send_message_length", options.max_message_bytes)]
+    server = grpc.aio.server(interceptors=interceptors, options=limits)
+    pb_grpc.add_MusicGenServicer_to_server(MusicGenService(engine, options.max_message_bytes), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    address = f"{options.host}:{options.port}"
+    if options.tls_cert or options.tls_key:
+        if not (options.tls_cert and options.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        credentials = grpc.ssl_server_credentials([(options.tls_key.read_bytes(), options.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    engine.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, engine, health)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musicgen-server", description=__doc__)
+    parser.add_argument("--model", default="demo", help="checkpoint directory, hub id in the local HF cache, or demo")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--max-sessions", type=int, default=8)
+    parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")
+    parser.add_argument("--reprime-frames", type=int, help="frames kept at a re-prime (default 40%% of window)")
+    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--token", help="require `authorization: Bearer TOKEN` on every call")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> None:
+    model = await asyncio.to_thread(MusicGen.from_pretrained, args.model, args.device, DTYPES[args.dtype])
+    if args.model == "demo":
+        log.warning("event=demo_model note='random weights: the output is noise'")
+    engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, window_frames=args.context_frames,
+                                        reprime_frames=args.reprime_frames))
+    options = ServerOptions(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
+                            token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    running = await start_server(engine, options)
+    log.info("event=listening address=%s:%d model=%s sample_rate=%d max_sessions=%d tls=%s auth=%s",
+             args.host, running.port, model.config.name, model.config.sampling_rate, args.max_sessions,
+             bool(args.tls_cert), bool(args.token))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("event=shutting_down active_sessions=%d", engine.active_sessions)
+    await running.stop()
+    log.info("event=stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        asyncio.run(serve(args))
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"musicgen-server: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
