@@ -20,7 +20,7 @@ import numpy as np
 
 from musicgen_core import MusicGen, SamplingParams
 
-from .events import Event, FinishReason, OrderError, SessionLimitError, SessionSpec, SpecError
+from .events import Event, Finished, FinishReason, OrderError, SessionLimitError, SessionSpec, SpecError
 from .session import Limits, Session
 
 log = logging.getLogger("musicgen.engine")
@@ -60,6 +60,13 @@ class SessionHandle:
 
     def stop(self) -> None:
         self._engine._command(self._session, "stop")
+
+    def error_totals(self, message: str) -> Finished:
+        """A Finished(ERROR) with the session's totals so far, for a call that ends on a bad request."""
+        session = self._session
+        mean = 1000 * session.stats.step_seconds / max(session.stats.steps, 1)
+        return Finished(FinishReason.ERROR, session.frames_sent, session.stats.samples, session.stats.steps,
+                        mean, message)
 
     def close(self) -> None:
         """The client is gone: free the session without sending anything more."""

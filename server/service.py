@@ -101,6 +101,9 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             while True:
                 item = await queue.get()
                 if isinstance(item, _Abort):
+                    if started is not None:  # the client sees the totals, then the status
+                        handle.close()
+                        yield convert.event_to_pb(handle.error_totals(item.details), spec, started, return_codes)
                     await context.abort(item.code, item.details)
                 if item is _STOP:
                     continue
@@ -128,6 +131,7 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                 if kind is None:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request: empty message (no field of the oneof set)")
                 await self._steer(kind, message, handle, parts)
+            handle.stop()  # half-close: the client has nothing more to say, so the session ends
         except _Abort as abort:
             queue.put_nowait(abort)
         except SpecError as error:

@@ -2,10 +2,15 @@
 
 Everything here runs on the engine's scheduler thread; the transport talks to a session only through
 `SessionHandle` (engine.py), whose commands are applied here between decoder steps.
+
+Output is cut into frame-aligned chunks: chunk frames [f, f + n) carry exactly output samples
+[f * spf, (f + n) * spf) and those frames' codes. Frames go to the streaming codec as soon as their last
+codebook resolves; a chunk goes out once its audio is final.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,14 +28,25 @@ from .events import (AudioChunk, Event, Finished, FinishReason, Notice, NoticeKi
 
 @dataclass(frozen=True)
 class Limits:
-    """The engine's per-session limits, derived from EngineConfig and the model."""
+    """A session's context limits, from EngineConfig, the model and the session's request."""
 
     window_frames: int  # decoder context in frames before a re-prime
     reprime_frames: int  # frames of recent context a re-primed sequence starts from
 
 
+@dataclass(frozen=True)
+class Revision:
+    """The conditioning in effect from `from_frame` on."""
+
+    number: int
+    from_frame: int
+    text: str
+    params: SamplingParams
+
+
 class AudioOut:
-    """Frames -> PCM at the output rate: the streaming EnCodec decoder plus an optional streaming resampler."""
+    """Frames -> PCM at the output rate: the streaming EnCodec decoder plus a streaming resampler. soxr's
+    stream removes its own delay, so output sample n is input time n / output_rate."""
 
     def __init__(self, model: MusicGen, lookahead_frames: float | None, output_rate: int):
         self.model = model
@@ -38,6 +54,7 @@ class AudioOut:
         self.decoder = init_decoder_state(model.codec, batch=self.channels, lookahead_frames=lookahead_frames)
         self.model_rate = model.config.sampling_rate
         self.output_rate = output_rate or self.model_rate
+        self.samples_per_frame = model.config.audio_encoder.hop_length * self.output_rate // self.model_rate
         self.resampler = None
         if self.output_rate != self.model_rate:
             import soxr
@@ -72,21 +89,28 @@ class Session:
         self.sink = sink
         self.params: SamplingParams = spec.params
         self.text = spec.text or ""
-        self.prompt_revision = 0
+        self.revisions = [Revision(0, 0, self.text, self.params)]
         self.state: SequenceState | None = None
         self.audio: AudioOut | None = None
+        self.generator: torch.Generator | None = None  # one per session, carried across re-primes
         self.frame_offset = 0  # session frame index of the current grid's frame 0
         self.frames_done = 0  # generated frames resolved so far (session numbering, prompt excluded)
-        self.history = torch.zeros(model.config.decoder.num_codebooks, 0, dtype=torch.long)  # recent frames
-        self.pending: list[torch.Tensor] = []  # resolved frames not yet sent to the codec
-        self.pending_first = 0
-        self.emitted_samples = 0
-        self.acked_samples = 0
+        codebooks = model.config.decoder.num_codebooks
+        self.history = torch.zeros(codebooks, 0, dtype=torch.long)  # recent frames, for re-priming
+        self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved, not yet in a chunk
+        self.unsent_pcm = np.zeros((model.config.audio_channels, 0), dtype=np.float32)
+        self.skip_samples = 0  # audio-prompt samples the codec will produce that the client already has
+        self.frames_sent = 0
+        self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
         self.sequence = 0
+        self.acked_samples = 0
         self.paused = spec.start_paused
         self.finished = False
         self.stats = SessionStats()
-        self.created = time.monotonic()
+
+    @property
+    def emitted_samples(self) -> int:
+        return self.frames_sent * self.audio.samples_per_frame if self.audio else self.stats.samples
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -95,29 +119,27 @@ class Session:
         spec, config = self.spec, self.model.config
         prompt_codes = None
         if spec.audio_prompt is not None:
-            prompt_codes = self.model.encode_audio(torch.from_numpy(spec.audio_prompt))
-            self.history = prompt_codes.cpu()
+            prompt_codes = self.model.encode_audio(torch.from_numpy(spec.audio_prompt)).cpu()
+            self.history = prompt_codes[:, -self.limits.window_frames:]
         self.audio = AudioOut(self.model, spec.lookahead_frames, spec.output_rate)
         if prompt_codes is not None:  # the client has this audio: decode it only to warm the codec state
-            warm = self.audio.push(prompt_codes)
-            self._skip = prompt_codes.shape[1] * config.audio_encoder.hop_length * self.audio.output_rate \
-                // config.sampling_rate - warm.shape[1]
-        else:
-            self._skip = 0
-        self._start_sequence(self.text, prompt_codes)
+            self.skip_samples = prompt_codes.shape[1] * self.audio.samples_per_frame
+            self._take_pcm(self.audio.push(prompt_codes))
+            prompt_codes = prompt_codes[:, -(self.limits.window_frames - 1):]
+        self._start_sequence(prompt_codes)
         latency = algorithmic_latency(config.decoder, config.audio_encoder, spec.lookahead_frames)
-        scale = self.audio.output_rate / config.sampling_rate
+        hop = config.audio_encoder.hop_length
+        held_frames = math.ceil(latency.codec_lookahead_samples / hop)  # chunks are whole frames
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
-            encoding=spec.encoding, frame_rate=config.frame_rate,
-            samples_per_frame=config.audio_encoder.hop_length, latency_samples=round(latency.samples * scale),
-            latency_delay_steps=latency.delay_steps, latency_codec_samples=latency.codec_lookahead_samples,
+            encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
+            latency_samples=(latency.delay_steps + held_frames) * self.audio.samples_per_frame,
+            latency_delay_steps=latency.delay_steps, latency_codec_samples=held_frames * hop,
             context_frames=self.limits.window_frames, reprime_frames=self.limits.reprime_frames,
             prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1], exact_decoding=latency.exact,
-            lookahead_frames=latency.codec_lookahead_samples / config.audio_encoder.hop_length,
-            paused=self.paused))
+            lookahead_frames=held_frames, paused=self.paused))
 
-    def _start_sequence(self, text: str, prompt_codes: torch.Tensor | None) -> None:
+    def _start_sequence(self, prompt_codes: torch.Tensor | None) -> None:
         """A fresh decoder sequence continuing from prompt_codes (None: from nothing)."""
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
         total = None
@@ -127,13 +149,12 @@ class Session:
                 total = prompt_frames + remaining
         capacity = (total if total is not None else self.limits.window_frames) + 1 + \
             self.model.config.decoder.max_delay
-        conditioning = self.model.encode_text([text])[0]
+        conditioning = self.model.encode_text([self.text])[0]
         self.state = self.model.start_sequence(conditioning, self.params, prompt_codes, total_frames=total,
                                                capacity=capacity)
-        # the generator carries on across re-primes so a seeded session stays one reproducible stream
-        if getattr(self, "_generator", None) is not None:
-            self.state.generator = self._generator
-        self._generator = self.state.generator
+        if self.generator is None:
+            self.generator = self.state.generator
+        self.state.generator = self.generator  # a seeded session stays one reproducible stream
         self.frame_offset = self.frames_done - prompt_frames
 
     # -- scheduling ---------------------------------------------------------------------------------------
@@ -158,40 +179,57 @@ class Session:
             self.reprime()
 
     def _resolved(self, frame: torch.Tensor) -> None:
-        if not self.pending:
-            self.pending_first = self.frames_done
-        self.pending.append(frame)
         self.frames_done += 1
         self.history = torch.cat([self.history, frame[:, None]], dim=1)[:, -self.limits.window_frames:]
-        if len(self.pending) >= self.spec.chunk_frames:
-            self._emit(self.audio.push(torch.stack(self.pending, dim=1)))
+        self.unsent_codes = torch.cat([self.unsent_codes, frame[:, None]], dim=1)
+        self._take_pcm(self.audio.push(frame[:, None]))
+        self._send_chunks(final=False)
 
-    def _emit(self, pcm: np.ndarray) -> None:
-        frames = self.pending
-        first, count = self.pending_first, len(frames)
-        codebooks = self.model.config.decoder.num_codebooks
-        codes = torch.stack(frames, dim=1) if frames else torch.zeros(codebooks, 0, dtype=torch.long)
-        self.pending = []
-        self.pending_first = self.frames_done
-        if self._skip > 0:  # the audio prompt's own samples: the client has them already
-            cut = min(self._skip, pcm.shape[1])
-            pcm, self._skip = pcm[:, cut:], self._skip - cut
-        if pcm.shape[1] == 0 and count == 0:
-            return
+    def _take_pcm(self, pcm: np.ndarray) -> None:
+        if self.skip_samples:
+            cut = min(self.skip_samples, pcm.shape[1])
+            pcm, self.skip_samples = pcm[:, cut:], self.skip_samples - cut
+        self.unsent_pcm = np.concatenate([self.unsent_pcm, pcm], axis=1)
+
+    def _send_chunks(self, final: bool, force: bool = False) -> None:
+        """Send every chunk whose audio is final; `force` sends a short one (pause, prompt change, end)."""
+        spf = self.audio.samples_per_frame
+        while True:
+            whole = min(self.unsent_pcm.shape[1] // spf, self.unsent_codes.shape[1])
+            if final:
+                whole = self.unsent_codes.shape[1]
+            stop = self.frames_sent + min(whole, self.spec.chunk_frames)
+            for boundary in self.boundaries:
+                if self.frames_sent < boundary < stop:
+                    stop = boundary
+            count = stop - self.frames_sent
+            if count <= 0 or (count < self.spec.chunk_frames and not (final or force)
+                              and stop not in self.boundaries):
+                return
+            samples = self.unsent_pcm.shape[1] if final and count == self.unsent_codes.shape[1] else count * spf
+            self._send(count, samples)
+
+    def _send(self, count: int, samples: int) -> None:
+        first = self.frames_sent
+        revision = [r for r in self.revisions if r.from_frame <= first][-1]
         chunk = AudioChunk(sequence=self.sequence, start_sample=self.emitted_samples, first_frame=first,
-                           frame_count=count, pcm=pcm, codes=codes.numpy(), prompt=self.text,
-                           prompt_revision=self.prompt_revision, params=self.params)
+                           frame_count=count, pcm=self.unsent_pcm[:, :samples],
+                           codes=self.unsent_codes[:, :count].numpy(), prompt=revision.text,
+                           prompt_revision=revision.number, params=revision.params)
+        self.unsent_pcm = self.unsent_pcm[:, samples:]
+        self.unsent_codes = self.unsent_codes[:, count:]
+        self.boundaries = [b for b in self.boundaries if b > first + count]
         self.sequence += 1
-        self.emitted_samples += pcm.shape[1]
+        self.frames_sent += count
+        self.stats.frames = self.frames_sent
         self.stats.samples = self.emitted_samples
-        self.stats.frames = self.frames_done
         self.sink(chunk)
 
     def reprime(self) -> None:
         """The context window is full: start a new sequence from the most recent frames, same conditioning.
         The codec state is untouched, so the audio runs on without a gap."""
         keep = self.history[:, -self.limits.reprime_frames:] if self.limits.reprime_frames else None
-        self._start_sequence(self.text, keep)
+        self._start_sequence(keep)
         self.stats.reprimes += 1
         self.sink(Notice(NoticeKind.CONTEXT_REPRIMED, self.frames_done,
                          f"context window of {self.limits.window_frames} frames reached; continuing from the "
@@ -200,26 +238,28 @@ class Session:
     # -- steering (applied between steps) ----------------------------------------------------------------
 
     def set_prompt(self, change: tuple[str | None, SamplingParams | None]) -> None:
-        """New text and/or sampling from the next generated column; the self-attention cache is kept. Frames
-        before the reported one were fully generated under the old prompt."""
+        """New text and/or sampling from the next generated column; the self-attention cache is kept. The
+        reported frame is the first with any code sampled under the change; earlier frames are untouched."""
         text, params = change
         if params is not None:
             if params.uses_guidance != self.params.uses_guidance:
                 raise ValueError("sampling.guidance_scale: cannot switch guidance on or off mid-session")
             if params.seed is not None and params.seed != self.params.seed:
-                self._generator.manual_seed(params.seed)
+                self.generator.manual_seed(params.seed)
             self.params = params
             self.state.params = params
         if text is not None:
             self.text = text
-        conditioning = self.model.encode_text([self.text])[0]
-        self.state.cross = self.model.cross_attention(conditioning, self.params.uses_guidance)
-        self.prompt_revision += 1
+            conditioning = self.model.encode_text([self.text])[0]
+            self.state.cross = self.model.cross_attention(conditioning, self.params.uses_guidance)
         grid = self.state.grid
-        first_affected = max(grid.prompt_frames, grid.next_column - 1 - max(grid.delays))
-        frame = self.frame_offset + first_affected
-        self.sink(Notice(NoticeKind.PROMPT_APPLIED, frame, f"prompt revision {self.prompt_revision} applies "
-                                                             f"from frame {frame}"))
+        first_affected = self.frame_offset + max(grid.prompt_frames, grid.next_column - 1 - max(grid.delays))
+        number = self.revisions[-1].number + 1
+        self.revisions.append(Revision(number, first_affected, self.text, self.params))
+        self.boundaries.append(first_affected)
+        self._send_chunks(final=False)
+        self.sink(Notice(NoticeKind.PROMPT_APPLIED, first_affected,
+                         f"prompt revision {number} applies from frame {first_affected}"))
 
     def append_audio(self, appended: tuple[np.ndarray, bool]) -> None:
         """Continue from this audio (channels, samples at the model's rate). replace_context: it alone becomes
@@ -227,12 +267,11 @@ class Session:
         audio, replace_context = appended
         codes = self.model.encode_audio(torch.from_numpy(audio)).cpu()
         context = codes if replace_context else torch.cat([self.history, codes], dim=1)
-        keep = max(self.limits.reprime_frames, codes.shape[1])
-        prompt = context[:, -min(keep, self.limits.window_frames - 1):]
+        keep = min(max(self.limits.reprime_frames, codes.shape[1]), self.limits.window_frames - 1)
         self.history = context[:, -self.limits.window_frames:]
-        if self.pending:
-            self._emit(self.audio.push(torch.stack(self.pending, dim=1)))
-        self._start_sequence(self.text, prompt)
+        self.boundaries.append(self.frames_done)
+        self._start_sequence(context[:, -keep:])
+        self._send_chunks(final=False)
         self.sink(Notice(NoticeKind.AUDIO_APPENDED, self.frames_done,
                          f"continuing from {codes.shape[1]} frames of appended audio from frame {self.frames_done}"))
 
@@ -242,6 +281,7 @@ class Session:
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
+            self._send_chunks(final=False, force=True)
             self.sink(Notice(NoticeKind.PAUSED, self.frames_done, "paused"))
 
     def resume(self) -> None:
@@ -250,22 +290,21 @@ class Session:
             self.sink(Notice(NoticeKind.RESUMED, self.frames_done, "resumed"))
 
     def finish(self, reason: FinishReason, message: str = "") -> None:
-        """Send what is left (the codec's tail for a clean end), then Finished. Idempotent."""
+        """Send what is left (the codec's tail, for a clean end), then Finished. Idempotent."""
         if self.finished:
             return
+        if reason in (FinishReason.COMPLETED, FinishReason.STOPPED, FinishReason.SERVER_SHUTDOWN) and self.audio:
+            self._take_pcm(self.audio.finish())
+            self._send_chunks(final=True)
         self.finished = True
-        if reason in (FinishReason.COMPLETED, FinishReason.STOPPED, FinishReason.SERVER_SHUTDOWN):
-            tail = self.audio.push(torch.stack(self.pending, dim=1)) if self.pending else None
-            rest = self.audio.finish()
-            pcm = rest if tail is None else np.concatenate([tail, rest], axis=1)
-            self._emit(pcm)
         mean = 1000 * self.stats.step_seconds / max(self.stats.steps, 1)
-        self.sink(Finished(reason, self.frames_done, self.emitted_samples, self.stats.steps, mean, message))
+        self.sink(Finished(reason, self.frames_sent, self.emitted_samples, self.stats.steps, mean, message))
         self.release()
 
     def release(self) -> None:
         """Drop the big tensors at once (the KV cache dominates)."""
         self.finished = True
+        self.stats.samples = self.emitted_samples
         self.state = None
         self.audio = None
         self.history = self.history[:, :0]
