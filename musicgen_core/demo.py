@@ -72,14 +72,21 @@ def to_checkpoint_key(name: str) -> str:
 
 def write_demo_checkpoint(directory: Path, seed: int = 0) -> Path:
     """Write config.json, generation_config.json, model.safetensors and spiece.model into `directory`."""
+    return write_random_checkpoint(directory, DEMO_CONFIG, seed)
+
+
+def write_random_checkpoint(directory: Path, config: dict, seed: int = 0, fit_text_vocab: bool = True) -> Path:
+    """A random-weight checkpoint of any MusicGen shape in the published layout. With fit_text_vocab the
+    text encoder's vocabulary is sized to the generated tokenizer (plus T5's 100 sentinels)."""
     from .config import MusicGenConfig
     from .model import MusicGenModules
 
     directory.mkdir(parents=True, exist_ok=True)
     train_demo_tokenizer(directory / "spiece.model")
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spiece.model")).vocab_size()
-    config = json.loads(json.dumps(DEMO_CONFIG))
-    config["text_encoder"]["vocab_size"] = vocab + 100  # T5 appends 100 sentinel ids
+    config = json.loads(json.dumps(config))
+    if fit_text_vocab:
+        config["text_encoder"]["vocab_size"] = vocab + 100  # T5 appends 100 sentinel ids
     torch.manual_seed(seed)
     modules = MusicGenModules(MusicGenConfig.from_dict(config))
     tensors = {}
