@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codes-out", type=Path, help="new frames as int64 .npy, shape (codebooks, frames)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (CPU): ~4x less to read per step")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
-    model = MusicGen.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model = MusicGen.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
+                                     quantize=args.quantize)
     load_seconds = time.perf_counter() - wall_start
     if args.model == "demo":
         print("musicgen-generate: using the built-in demo model (random weights): the output is noise",

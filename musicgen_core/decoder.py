@@ -38,22 +38,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+class FastLinear(nn.Linear):
+    """nn.Linear (no bias) whose forward takes the small-batch CPU path of `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         width = config.hidden_size
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj = nn.Linear(width, width, bias=False)
-        self.k_proj = nn.Linear(width, width, bias=False)
-        self.v_proj = nn.Linear(width, width, bias=False)
-        self.out_proj = nn.Linear(width, width, bias=False)
+        self.q_proj = FastLinear(width, width, bias=False)
+        self.k_proj = FastLinear(width, width, bias=False)
+        self.v_proj = FastLinear(width, width, bias=False)
+        self.out_proj = FastLinear(width, width, bias=False)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, time, width) -> (rows, heads, time, head_dim)"""
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split_heads(linear(x, self.k_proj.weight)), self.split_heads(linear(x, self.v_proj.weight))
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +71,8 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(width)
         self.encoder_attn = Attention(config)
         self.encoder_attn_layer_norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, config.ffn_dim, bias=False)
-        self.fc2 = nn.Linear(config.ffn_dim, width, bias=False)
+        self.fc1 = FastLinear(width, config.ffn_dim, bias=False)
+        self.fc2 = FastLinear(config.ffn_dim, width, bias=False)
         self.final_layer_norm = nn.LayerNorm(width)
         if config.activation_function != "gelu":
             raise ValueError(f"decoder activation {config.activation_function!r} is not supported")
@@ -80,7 +87,7 @@ class MusicgenDecoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.layer_norm = nn.LayerNorm(config.hidden_size)
         self.lm_heads = nn.ModuleList(
-            [nn.Linear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_codebooks)])
+            [FastLinear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_codebooks)])
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
 
@@ -96,7 +103,7 @@ class MusicgenDecoder(nn.Module):
         if capacity > self.config.max_position_embeddings:
             raise ValueError(f"cache capacity {capacity} exceeds the model's "
                              f"{self.config.max_position_embeddings} positions")
-        weight = self.layer_norm.weight
+        weight = self.layer_norm.weight  # the norms stay float even when the linear layers are int8
         return KVCache.allocate(self.config.num_hidden_layers, rows, self.config.num_attention_heads,
                                 self.config.head_dim, capacity, weight.dtype, weight.device)
 
@@ -142,14 +149,14 @@ class MusicgenDecoder(nn.Module):
         x = self.layer_norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = torch.stack([linear(x, head.weight) for head in self.lm_heads], dim=1).float()
+        logits = torch.stack([head(x) for head in self.lm_heads], dim=1).float()
         return [logits[bounds[i]: bounds[i + 1]] for i in range(len(caches))]
 
     def _layer(self, layer: DecoderLayer, index: int, x: torch.Tensor, bounds: list[int],
                caches: list[KVCache], crosses: list[CrossAttentionKV], time: int) -> torch.Tensor:
         attn = layer.self_attn
         h = layer.self_attn_layer_norm(x)
-        q = attn.split_heads(linear(h, attn.q_proj.weight))
+        q = attn.split_heads(attn.q_proj(h))
         k, v = attn.project_kv(h)
         outputs = []
         for i, cache in enumerate(caches):
@@ -169,17 +176,17 @@ class MusicgenDecoder(nn.Module):
 
         cross = layer.encoder_attn
         h = layer.encoder_attn_layer_norm(x)
-        q = cross.split_heads(linear(h, cross.q_proj.weight))
+        q = cross.split_heads(cross.q_proj(h))
         outputs = [F.scaled_dot_product_attention(
             q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], attn_mask=kv.mask)
             for i, kv in enumerate(crosses)]
         x = x + self._merge(cross, torch.cat(outputs))
 
         h = layer.final_layer_norm(x)
-        return x + linear(F.gelu(linear(h, layer.fc1.weight)), layer.fc2.weight)
+        return x + layer.fc2(F.gelu(layer.fc1(h)))
 
     @staticmethod
     def _merge(attn: Attention, heads: torch.Tensor) -> torch.Tensor:
         """(rows, heads, time, head_dim) -> out_proj of (rows, time, width)"""
         rows, _, time, _ = heads.shape
-        return linear(heads.transpose(1, 2).reshape(rows, time, -1), attn.out_proj.weight)
+        return attn.out_proj(heads.transpose(1, 2).reshape(rows, time, -1))

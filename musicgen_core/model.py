@@ -66,8 +66,9 @@ class MusicGen:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "MusicGen":
-        """Load a checkpoint directory, a hub id from the local cache, or 'demo' (a random-weight model)."""
+                        dtype: torch.dtype = torch.float32, quantize: str | None = None) -> "MusicGen":
+        """Load a checkpoint directory, a hub id from the local cache, or 'demo' (a random-weight model).
+        quantize='int8' stores the decoder's linear weights as int8 (CPU)."""
         if str(path_or_id) == "demo":
             from .demo import demo_checkpoint
             path_or_id = demo_checkpoint()
@@ -78,6 +79,9 @@ class MusicGen:
             modules = MusicGenModules(config)
         check_and_load(modules, read_state_dict(directory, dtype), directory)
         modules.to(device)
+        if quantize is not None:
+            from .quantize import quantize_decoder
+            quantize_decoder(modules.decoder, quantize)
         return cls(config, modules, tokenizer)
 
     @property

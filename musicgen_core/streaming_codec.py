@@ -210,7 +210,7 @@ def _lstm_step(layer: LSTM, state: LSTMState, x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] == 0:
         return x
     lstm = layer.lstm
-    if lstm.bidirectional or lstm.proj_size or not lstm.batch_first is False:
+    if lstm.bidirectional or lstm.proj_size or lstm.batch_first:
         raise TypeError("streaming LSTM: unidirectional, no projection, time-major only")
     seq = x.permute(2, 0, 1)  # (time, batch, width)
     if state.hidden is None:
@@ -240,8 +240,8 @@ def _residual_emit(state: ResidualState, branch: torch.Tensor | None, skip: torc
     state.pending_skip = _cat(state.pending_skip, skip)
     ready = min(state.pending_block.shape[-1], state.pending_skip.shape[-1])
     out = state.pending_skip[..., :ready] + state.pending_block[..., :ready]
-    state.pending_block = state.pending_block[..., ready:]
-    state.pending_skip = state.pending_skip[..., ready:]
+    state.pending_block = state.pending_block[..., ready:].clone()  # own storage: clones stay small
+    state.pending_skip = state.pending_skip[..., ready:].clone()
     return out
 
 

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    model = await asyncio.to_thread(MusicGen.from_pretrained, args.model, args.device, DTYPES[args.dtype])
+    model = await asyncio.to_thread(MusicGen.from_pretrained, args.model, args.device, DTYPES[args.dtype],
+                                    args.quantize)
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
     engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, window_frames=args.context_frames,

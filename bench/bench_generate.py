@@ -1,0 +1,163 @@
+"""Decoder speed, side by side with transformers, on one checkpoint (make one with bench/make_checkpoint.py).
+
+    python bench/bench_generate.py --model /tmp/mg-small --steps 40 --rounds 3 --threads 2
+    python bench/bench_generate.py --model /tmp/mg-small --quantize int8 --sessions 1,2,4,8 --no-transformers
+
+Per round it times our decoder steps and transformers' `generate` on the same prompt and number of steps,
+alternating. Reported: median ms per decoder step (CFG on, batch 1), real-time factor (20 ms per step at 50
+frames/s), time to the first audio sample through the server's streaming path, peak RSS of each side (measured
+in a fresh subprocess), the sweep over concurrent sessions through the batched step, and KV-cache bytes per
+session-second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+PROMPT = "warm lofi beat with soft piano"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_ours(args):
+    from musicgen_core import MusicGen
+    return MusicGen.from_pretrained(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize)
+
+
+def our_step_times(model, steps: int, sessions: int = 1) -> list[float]:
+    """Seconds per batched step of `sessions` sequences (prefill excluded)."""
+    params = model.default_sampling(greedy=True, guidance_scale=3.0)
+    conditioning = model.encode_text([PROMPT])[0]
+    states = [model.start_sequence(conditioning, params, total_frames=steps + 8) for _ in range(sessions)]
+    model.step(states)  # prefill column 0
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.step(states)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def transformers_step_times(oracle, tokenizer, steps: int) -> list[float]:
+    """Seconds between consecutive decoder steps inside transformers' generate (a logits-processor clock)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        oracle.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=steps + 1,
+                        logits_processor=LogitsProcessorList([Clock()]))
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
+def time_to_first_audio(model, frames: int = 500) -> float:
+    """Seconds from opening a session (10 s, chunk of 1 frame, unpaced) to its first AudioChunk."""
+    from server.engine import Engine, EngineConfig
+    from server.events import AudioChunk, SessionSpec
+
+    engine = Engine(model, EngineConfig(max_sessions=1))
+    engine.start()
+    first = threading.Event()
+    sink = lambda event: first.set() if isinstance(event, AudioChunk) else None  # noqa: E731
+    spec = SessionSpec(text=PROMPT, params=model.default_sampling(greedy=True), total_frames=frames,
+                       chunk_frames=1, max_lead_seconds=None)
+    started = time.perf_counter()
+    handle = engine.open_session(spec, sink)
+    first.wait(120)
+    elapsed = time.perf_counter() - started
+    handle.close()
+    engine.shutdown(5)
+    return elapsed
+
+
+def peak_rss_mib(args, side: str) -> float:
+    """Peak RSS of a fresh process that loads one side and runs a few steps."""
+    code = (
+        "import sys, resource, torch; sys.argv = sys.argv[:1] + {argv!r}; sys.path.insert(0, 'bench');"
+        "import bench_generate as b; a = b.parse(); torch.set_num_threads(a.threads);"
+        "m = b.load_ours(a) if {side!r} == 'ours' else b.load_transformers(a);"
+        "b.our_step_times(m, 5) if {side!r} == 'ours' else b.transformers_step_times(*m, 5);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ).format(argv=sys.argv[1:], side=side)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def load_transformers(args):
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+    oracle = MusicgenForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    return oracle, AutoTokenizer.from_pretrained(args.model)
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--quantize", choices=["int8"], default=None)
+    parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    ours = load_ours(args)
+    theirs = None if args.no_transformers else load_transformers(args)
+    our_times, their_times = [], []
+    for _ in range(args.rounds):  # alternate so both see the same machine state
+        our_times += our_step_times(ours, args.steps)
+        if theirs is not None:
+            their_times += transformers_step_times(*theirs, args.steps)
+    ours_ms = 1000 * statistics.median(our_times)
+    result = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
+              "ours_ms_per_step": round(ours_ms, 2), "ours_rtf": round(20.0 / ours_ms, 3)}
+    if theirs is not None:
+        their_ms = 1000 * statistics.median(their_times)
+        result.update(transformers_ms_per_step=round(their_ms, 2), transformers_rtf=round(20.0 / their_ms, 3),
+                      speedup=round(their_ms / ours_ms, 2))
+    result["time_to_first_audio_ms"] = round(1000 * time_to_first_audio(ours), 1)
+    sweep = {}
+    for count in [int(c) for c in args.sessions.split(",") if c]:
+        ms = 1000 * statistics.median(our_step_times(ours, max(10, args.steps // 2), sessions=count))
+        sweep[count] = {"ms_per_step": round(ms, 2), "frames_per_s": round(1000 * count / ms, 1),
+                        "per_session_rtf": round(20.0 / ms, 3)}
+    result["sessions"] = sweep
+    cache = ours.decoder.allocate_cache(rows=2, capacity=50)
+    result["kv_bytes_per_session_second"] = cache.nbytes
+    if not args.no_rss:
+        result["peak_rss_mib_ours"] = round(peak_rss_mib(args, "ours"))
+        if theirs is not None:
+            result["peak_rss_mib_transformers"] = round(peak_rss_mib(args, "transformers"))
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if key != "sessions":
+            print(f"{key:32s} {value}")
+    print("sessions  ms/step  frames/s  per-session RTF")
+    for count, row in sweep.items():
+        print(f"{count:8d}  {row['ms_per_step']:7.1f}  {row['frames_per_s']:8.1f}  {row['per_session_rtf']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

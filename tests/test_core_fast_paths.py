@@ -1,0 +1,56 @@
+"""The fast paths: the small-batch CPU matmul, int8 decoder weights and bfloat16 stay close to fp32."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from musicgen_core import MusicGen
+from musicgen_core.decoder import linear
+from musicgen_core.quantize import is_quantized
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_fidelity import compare, teacher_forced_guided_logits  # noqa: E402
+
+TEXT = "warm lofi beat with piano"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 40])
+def test_small_batch_linear_equals_f_linear(rows):
+    generator = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 64, generator=generator), torch.randn(96, 64, generator=generator)
+    assert torch.allclose(linear(x, weight), F.linear(x, weight), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(mono_checkpoint):
+    model = MusicGen.from_pretrained(mono_checkpoint)
+    codes = model.generate(TEXT, frames=40, params=model.default_sampling(greedy=True)).codes[0]
+    return model, codes, teacher_forced_guided_logits(model, TEXT, codes)
+
+
+@pytest.mark.parametrize("options,least_agreement", [({"quantize": "int8"}, 0.9), ({"dtype": torch.bfloat16}, 0.9)],
+                         ids=["int8", "bfloat16"])
+def test_fast_path_agrees_with_fp32_teacher_forced(mono_checkpoint, reference, options, least_agreement):
+    _, codes, reference_logits = reference
+    fast = MusicGen.from_pretrained(mono_checkpoint, **options)
+    agreement, kl = compare(reference_logits, teacher_forced_guided_logits(fast, TEXT, codes))
+    assert agreement >= least_agreement and kl < 0.05
+
+
+def test_int8_replaces_every_decoder_linear_and_nothing_else(mono_checkpoint):
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    assert is_quantized(model.decoder)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.decoder.modules())
+    assert not is_quantized(model.modules.text_encoder) and not is_quantized(model.codec)
+    out = model.generate(TEXT, frames=8)
+    assert out.codes.shape == (1, 4, 8) and torch.isfinite(out.audio).all()
+
+
+def test_int8_refuses_non_float32_weights(mono_checkpoint):
+    with pytest.raises(ValueError, match="float32"):
+        MusicGen.from_pretrained(mono_checkpoint, dtype=torch.bfloat16, quantize="int8")
