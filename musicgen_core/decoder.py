@@ -152,8 +152,27 @@ class MusicgenDecoder(nn.Module):
         logits = torch.stack([head(x) for head in self.lm_heads], dim=1).float()
         return [logits[bounds[i]: bounds[i + 1]] for i in range(len(caches))]
 
+    def forward_static(self, tokens: torch.Tensor, lengths: torch.Tensor, caches: list[KVCache],
+                       crosses: list[CrossAttentionKV]) -> torch.Tensor:
+        """One column per sequence with every shape fixed, for CUDA graphs: tokens (sequences, codebooks, 1),
+        lengths (sequences,) int64 on the device = each cache's length. Attention runs over the whole cache
+        capacity with a mask, writes go to index `lengths`. The caller advances `cache.length` (and `lengths`)
+        afterwards. Returns logits (rows, codebooks, 1, vocab) float32 for all rows in order."""
+        rows = [cache.rows for cache in caches]
+        embedded = sum(self.embed_tokens[k](tokens[:, k]) for k in range(self.config.num_codebooks))
+        embedded = embedded * self.embed_scale + self.positions[lengths][:, None]  # (sequences, 1, width)
+        x = torch.cat([embedded[i: i + 1].expand(r, -1, -1) for i, r in enumerate(rows)])
+        bounds = [0]
+        for r in rows:
+            bounds.append(bounds[-1] + r)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(layer, index, x, bounds, caches, crosses, 1, lengths)
+        x = self.layer_norm(x)
+        return torch.stack([head(x) for head in self.lm_heads], dim=1).float()
+
     def _layer(self, layer: DecoderLayer, index: int, x: torch.Tensor, bounds: list[int],
-               caches: list[KVCache], crosses: list[CrossAttentionKV], time: int) -> torch.Tensor:
+               caches: list[KVCache], crosses: list[CrossAttentionKV], time: int,
+               lengths: torch.Tensor | None = None) -> torch.Tensor:
         attn = layer.self_attn
         h = layer.self_attn_layer_norm(x)
         q = attn.split_heads(attn.q_proj(h))
@@ -161,6 +180,9 @@ class MusicgenDecoder(nn.Module):
         outputs = []
         for i, cache in enumerate(caches):
             rows = slice(bounds[i], bounds[i + 1])
+            if lengths is not None:
+                outputs.append(self._static_attention(index, q[rows], k[rows], v[rows], cache, lengths[i: i + 1]))
+                continue
             start, end = cache.length, cache.length + time
             if end > cache.capacity:
                 raise ValueError(f"KV cache full: {end} positions > capacity {cache.capacity}")
@@ -184,6 +206,17 @@ class MusicgenDecoder(nn.Module):
 
         h = layer.final_layer_norm(x)
         return x + layer.fc2(F.gelu(layer.fc1(h)))
+
+    @staticmethod
+    def _static_attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                          length: torch.Tensor) -> torch.Tensor:
+        """Write k, v (rows, heads, 1, head_dim) at position `length` (a 1-element device tensor) and attend
+        over the full capacity, masking positions past it."""
+        keys, values = cache.keys[index], cache.values[index]
+        keys.index_copy_(2, length, k)
+        values.index_copy_(2, length, v)
+        visible = torch.arange(cache.capacity, device=q.device) <= length
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None, None, None, :])
 
     @staticmethod
     def _merge(attn: Attention, heads: torch.Tensor) -> torch.Tensor:

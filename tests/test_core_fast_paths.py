@@ -54,3 +54,27 @@ def test_int8_replaces_every_decoder_linear_and_nothing_else(mono_checkpoint):
 def test_int8_refuses_non_float32_weights(mono_checkpoint):
     with pytest.raises(ValueError, match="float32"):
         MusicGen.from_pretrained(mono_checkpoint, dtype=torch.bfloat16, quantize="int8")
+
+
+def test_static_step_equals_the_eager_step(mono_checkpoint):
+    """The fixed-shape step that CUDA graphs capture gives the eager step's logits (checked here on CPU)."""
+    model = MusicGen.from_pretrained(mono_checkpoint)
+    params = model.default_sampling(greedy=True)
+    conditionings = model.encode_text([TEXT, "dark techno"])
+    eager = [model.start_sequence(c, params, total_frames=20) for c in conditionings]
+    static = [model.start_sequence(c, params, total_frames=20) for c in conditionings]
+    for _ in range(6):
+        model.step(eager)
+        model.step(static)
+    with torch.inference_mode():
+        expected = torch.cat(model.decoder([s.pending_columns() for s in eager], [s.cache for s in eager],
+                                           [s.cross for s in eager]))
+        tokens = torch.stack([s.pending_columns() for s in static])
+        lengths = torch.tensor([s.cache.length for s in static])
+        got = model.decoder.forward_static(tokens, lengths, [s.cache for s in static], [s.cross for s in static])
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_cuda_graphs_need_a_cuda_device(mono_checkpoint):
+    with pytest.raises(ValueError, match="CUDA"):
+        MusicGen.from_pretrained(mono_checkpoint, cuda_graphs=True)
