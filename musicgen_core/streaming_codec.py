@@ -1,28 +1,41 @@
 """Streaming EnCodec: decode frames (and encode audio) piece by piece, each sample computed once.
 
 The weights are those of the offline modules in encodec.py; the state lives in explicit, clonable dataclasses,
-one per layer of `codec.decoder.layers` / `codec.encoder.layers`:
+one per layer of `codec.decoder.layers` / `codec.encoder.layers` (any stack of Conv1d, ConvTranspose1d, LSTM,
+ResnetBlock, ELU streams the same way: `init_layer_states`, `stream_layers_step`, `stream_layers_flush`):
 
 - `Conv1d`: the inputs still needed (its receptive field, plus the last samples a reflect pad at the stream's
-  end will mirror). It produces output n once input n * stride - left + effective_kernel - 1 is final; the
-  left reflect pad is built once the first `max(left, right_base + stride - 1) + 1` inputs are in (from then
-  on `pad1d` can never take its short-signal path); at the end, `Conv1d.padding(length)` gives the right pad
-  (base + extra up to ceil(length / stride) outputs) and the kept tail is padded exactly as offline.
+  end will mirror). Output n (window: inputs n * stride - left .. + effective_kernel - 1) is produced once its
+  last input is final; the left reflect pad is built once the first `max(left, right_base + stride - 1) + 1`
+  inputs are in (from then on `pad1d` can never take its short-signal path; a stream that ends sooner is run
+  through the offline layer whole); at the end, `Conv1d.padding(length)` gives the right pad (base + the extra
+  that makes ceil(length / stride) outputs) and the kept tail is padded exactly as offline.
 - `ConvTranspose1d`: the overlap-add tail (kernel - stride samples, bias not yet added); `trim_left` samples are
   dropped at the start and `trim_right` at the end.
 - `LSTM`: (h, c). It is causal, but runs only over inputs that are final (the first conv's output lags it).
 - `ResnetBlock`: the states of its branch, and the skip-path samples waiting for the (later) branch output.
 
-A layer's count of final outputs depends only on its count of final inputs (`_final_count`), so the whole
-stack's latency follows from the modules themselves (`decoder_lookahead_samples`). For the 32 kHz MusicGen
-codec (ratios 8,5,4,4, kernel 7, non-causal, reflect) it is 2402 samples = 3.75 frames: the first conv needs
-3 frames of future, then each transposed conv and kernel-3 / kernel-7 conv a few samples more.
+A layer's count of final outputs depends only on its count of final inputs (`final_output_count`), so the
+stack's latency follows from the modules themselves. For the 32 kHz MusicGen codec (ratios 8,5,4,4, kernel 7,
+non-causal, reflect) the decoder holds back 2402 samples = 3.75 frames (`decoder_lookahead_samples`): 3 frames
+for the first kernel-7 conv, then 482 samples from the transposed convs' trim_left (4, 3, 2, 2 samples at
+their rates), the kernel-3 resnet convs (1 sample each) and the last kernel-7 conv (3 samples).
 
-Exact mode gives, over a whole stream, `codec.decode(all codes)` (edges included). Low-latency mode
-(`lookahead_frames` below the exact need) additionally emits, after each step, samples up to
+Decoder. Exact mode gives, over a whole stream, `codec.decode(all codes)` (edges included). Low-latency mode
+(`lookahead_frames` below the exact need) also emits, after each step, samples up to
 frames_in * hop - lookahead computed as if the stream ended now (the eventual right edge: a flush of a copy of
 the state), i.e. the offline decode of the prefix received so far. Those samples are not revised later; the
-state itself stays exact, so later samples are unaffected and the stream ends aligned.
+state itself stays exact, so later samples are unaffected and the stream ends aligned. A low-latency step costs
+about what decoding 4 frames does (the copy is flushed through every layer).
+
+Encoder. Chunked encoding equals whole-audio encoding (codes, and embeddings to float rounding) for every
+frame, once the end is flushed: the convs are exact as above and the encoder's LSTM is causal. What cannot be
+had early is frame f before sample (f + 1) * hop + 2386 has arrived (`encoder_lookahead_samples`, 32 kHz codec):
+its window reaches that far right, and the last frames depend on where the signal ends (reflect pad mirrored
+from the last samples; the extra pad that rounds the length up to whole frames). `encode_step` hands out
+exactly the frames that are final (`encoder_final_frames`); `encode_flush` the rest. Encoding a prefix and
+flushing gives codes that differ from the whole's in its last frames, by design. Codes are nearest-neighbour
+choices, so a float-rounding difference could in principle flip a near tie.
 """
 
 from __future__ import annotations
@@ -96,6 +109,8 @@ def _init(layer: nn.Module, batch: int) -> Any:
         return LSTMState()
     weight = next(layer.parameters())
     if isinstance(layer, Conv1d):
+        if layer.pad_mode not in ("reflect", "constant", "replicate"):
+            raise TypeError(f"no streaming rule for pad_mode {layer.pad_mode!r}")
         return ConvState(weight.new_zeros(batch, layer.conv.in_channels, 0))
     if isinstance(layer, ConvTranspose1d):
         overlap = layer.conv.kernel_size[0] - layer.conv.stride[0]
