@@ -296,3 +296,14 @@ def test_graceful_shutdown_finishes_sessions_first(model):
         running.stop()
         finished = [e.finished for e in call if e.WhichOneof("event") == "finished"]
     assert finished and finished[0].reason == pb.FINISH_REASON_SERVER_SHUTDOWN
+
+
+def test_low_latency_lookahead_reports_less_latency_and_stays_close(server, model):
+    exact = collect(server.stub().Generate(generate_request(PROMPTS[0], 30)))
+    fast = collect(server.stub().Generate(generate_request(PROMPTS[0], 30, decoder_lookahead_frames=1)))
+    exact_started, fast_started = exact.of("started")[0], fast.of("started")[0]
+    assert exact_started.exact_decoding and not fast_started.exact_decoding
+    assert fast_started.latency_samples < exact_started.latency_samples
+    assert np.array_equal(fast.codes, exact.codes) and fast.pcm.shape == exact.pcm.shape
+    noise = np.sum((fast.pcm - exact.pcm) ** 2)
+    assert noise > 0 and 10 * np.log10(np.sum(exact.pcm ** 2) / noise) > 10
