@@ -41,8 +41,11 @@ class SessionHandle:
         self._engine = engine
         self._session = session
         self.id = session.id
+        self.params = session.params  # the latest sampling asked for (changes compose across set_prompt)
 
     def set_prompt(self, text: str | None, params: SamplingParams | None = None) -> None:
+        if params is not None:
+            self.params = params
         self._engine._command(self._session, "set_prompt", (text, params))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:

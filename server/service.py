@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import AsyncIterator
 
 import grpc
+import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
 from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
+from musicgen_core.streaming_codec import decoder_lookahead_samples
 
 from . import convert
 from .engine import Engine, SessionHandle
@@ -37,8 +40,6 @@ class MusicGenService(pb_grpc.MusicGenServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         config, limits = self.model.config, self.engine.limits
-        from musicgen_core.streaming_codec import decoder_lookahead_samples
-        import math
         exact = math.ceil(decoder_lookahead_samples(config.audio_encoder) / config.audio_encoder.hop_length)
         return pb.ModelInfo(
             model_name=config.name, sample_rate=config.sampling_rate, channels=config.audio_channels,
@@ -159,7 +160,7 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                 text = convert.check_text(self.model, change.text, "set_prompt.text")
             params = None
             if change.HasField("sampling"):
-                current = handle._session.params  # read-only snapshot of the session's parameters
+                current = handle.params
                 params = convert.sampling_from_pb(change.sampling, current, "set_prompt.sampling")
                 if params.uses_guidance != current.uses_guidance:
                     raise SpecError("set_prompt.sampling.guidance_scale",
@@ -179,7 +180,6 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                 raise SpecError("append_audio.audio.pcm", f"appended audio exceeds "
                                                           f"{convert.MAX_AUDIO_PROMPT_SECONDS:g} s")
             if not append.partial:
-                import numpy as np
                 joined = np.concatenate([p[0] for p in parts], axis=1)
                 parts.clear()
                 model_audio = await asyncio.to_thread(convert.audio_for_model, self.model, joined, rate,
