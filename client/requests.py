@@ -1,0 +1,138 @@
+"""Building protobuf requests from Python values (the only place, with events.py, that touches protobuf)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from musicgen.v1 import musicgen_pb2 as pb
+
+from .events import Encoding, Sampling, encode_pcm
+
+SamplingLike = Sampling | Mapping | None
+
+# An AppendAudio part stays this far under the message limit (field tags, lengths, the other fields).
+_MESSAGE_OVERHEAD_BYTES = 1024
+
+
+def as_sampling(sampling: SamplingLike, **overrides) -> Sampling:
+    """A Sampling from a Sampling, a mapping of its fields, or None; keyword overrides that are not None win."""
+    if sampling is None:
+        base = Sampling()
+    elif isinstance(sampling, Sampling):
+        base = sampling
+    else:
+        base = Sampling(**dict(sampling))
+    changes = {name: value for name, value in overrides.items() if value is not None}
+    return replace(base, **changes) if changes else base
+
+
+def as_audio(samples: np.ndarray, field: str = "audio") -> np.ndarray:
+    """(samples,) or (samples, channels) numeric -> (samples, channels) float32, checked locally."""
+    audio = np.asarray(samples)
+    if audio.dtype == np.int16:
+        audio = audio.astype(np.float32) / 32768.0
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[:, None]
+    if audio.ndim != 2 or audio.shape[1] not in (1, 2):
+        raise ValueError(f"{field}: expected (samples,) or (samples, 1 or 2 channels), got shape {audio.shape}")
+    if audio.shape[0] == 0:
+        raise ValueError(f"{field}: no samples")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{field}: contains NaN or Inf")
+    return audio
+
+
+def audio_data(audio: np.ndarray, sample_rate: int, encoding: Encoding = Encoding.FLOAT32) -> pb.AudioData:
+    return pb.AudioData(pcm=encode_pcm(audio, encoding), sample_rate=int(sample_rate), channels=audio.shape[1],
+                        encoding=encoding.to_pb)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """Everything a session start carries, in Python terms (see StartSession in the protocol)."""
+
+    prompt: str = ""
+    sampling: Sampling = Sampling()
+    seconds: float | None = None
+    frames: int | None = None
+    chunk_frames: int = 0
+    sample_rate: int = 0
+    channels: int = 0
+    encoding: Encoding = Encoding.FLOAT32
+    lookahead: int | None = None
+    max_lead_seconds: float = 0.0
+    unpaced: bool = False
+    start_paused: bool = False
+    audio_prompt: np.ndarray | None = None
+    audio_prompt_rate: int | None = None
+    return_codes: bool = False
+    client_name: str = ""
+    context_frames: int = 0
+    reprime_keep_frames: int = 0
+
+    def to_pb(self, max_message_bytes: int) -> pb.StartSession:
+        start = pb.StartSession(prompt=self.prompt, sampling=self.sampling.to_pb(), chunk_frames=self.chunk_frames,
+                                output=pb.AudioFormat(encoding=Encoding(self.encoding).to_pb,
+                                                      sample_rate=self.sample_rate, channels=self.channels),
+                                max_lead_seconds=self.max_lead_seconds, unpaced=self.unpaced,
+                                start_paused=self.start_paused, return_codes=self.return_codes,
+                                client_name=self.client_name, context_frames=self.context_frames,
+                                reprime_keep_frames=self.reprime_keep_frames)
+        if self.seconds is not None and self.frames is not None:
+            raise ValueError("give seconds or frames, not both")
+        if self.seconds is not None:
+            start.duration_seconds = float(self.seconds)
+        elif self.frames is not None:
+            start.duration_frames = int(self.frames)
+        if self.lookahead is not None:
+            start.decoder_lookahead_frames = int(self.lookahead)
+        if self.audio_prompt is not None:
+            if not self.audio_prompt_rate:
+                raise ValueError("audio_prompt needs audio_prompt_rate (its sample rate in Hz)")
+            audio = as_audio(self.audio_prompt, "audio_prompt")
+            start.audio_prompt.CopyFrom(audio_data(audio, self.audio_prompt_rate))
+            if start.ByteSize() > max_message_bytes - _MESSAGE_OVERHEAD_BYTES:  # int16 halves it
+                start.audio_prompt.CopyFrom(audio_data(audio, self.audio_prompt_rate, Encoding.INT16))
+            if start.ByteSize() > max_message_bytes - _MESSAGE_OVERHEAD_BYTES:
+                raise ValueError(f"audio_prompt: {audio.shape[0]} samples do not fit in one {max_message_bytes}-byte "
+                                 "message; open the session with start_paused=True, append_audio(..., "
+                                 "replace_context=True) and resume()")
+        return start
+
+
+def set_prompt_request(text: str | None, sampling: Sampling) -> pb.SessionRequest:
+    change = pb.SetPrompt()
+    if text is not None:
+        change.text = text
+    if not sampling.is_empty():
+        change.sampling.CopyFrom(sampling.to_pb())
+    return pb.SessionRequest(set_prompt=change)
+
+
+def append_audio_requests(samples: np.ndarray, sample_rate: int, replace_context: bool,
+                          max_message_bytes: int) -> Iterator[pb.SessionRequest]:
+    """One append as AppendAudio messages each under the size limit: all but the last are `partial`."""
+    audio = as_audio(samples, "append_audio")
+    if not 8000 <= int(sample_rate) <= 192000:
+        raise ValueError(f"append_audio.sample_rate: must be in [8000, 192000] Hz, got {sample_rate}")
+    bytes_per_sample = 4 * audio.shape[1]
+    per_part = max(1, (max_message_bytes - _MESSAGE_OVERHEAD_BYTES) // bytes_per_sample)
+    starts = range(0, audio.shape[0], per_part)
+    for index, start in enumerate(starts):
+        part = audio[start:start + per_part]
+        yield pb.SessionRequest(append_audio=pb.AppendAudio(audio=audio_data(part, sample_rate),
+                                                            partial=index < len(starts) - 1,
+                                                            replace_context=replace_context))
+
+
+REQUEST_PAUSE = pb.SessionRequest(pause=pb.Pause())
+REQUEST_RESUME = pb.SessionRequest(resume=pb.Resume())
+REQUEST_STOP = pb.SessionRequest(stop=pb.Stop())
+
+
+def ack_request(samples_played: int) -> pb.SessionRequest:
+    return pb.SessionRequest(ack=pb.Ack(samples_played=int(samples_played)))

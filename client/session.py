@@ -1,0 +1,334 @@
+"""The blocking client: `MusicGenClient`, one-shot `Generation`s and steerable `LiveSession`s.
+
+A live session's requests go through a thread-safe queue that gRPC's request iterator drains, so any thread
+may steer (`set_prompt`, `append_audio`, `ack`, `pause`, `resume`, `stop`) while another iterates the events.
+The request stream stays open until the session finishes or is closed: the protocol reads a half-close as stop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from musicgen.v1 import musicgen_pb2 as pb
+from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
+
+from . import requests as rq
+from .connection import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Connection
+from .errors import MusicGenError, from_rpc_error
+from .events import AudioChunk, Encoding, Event, Finished, ModelInfo, Notice, Sampling, Started, from_pb
+
+_END = object()  # ends the request stream (half-close)
+
+
+def start_options(prompt: str, sampling: rq.SamplingLike, encoding: Encoding | str, **fields) -> rq.StartOptions:
+    return rq.StartOptions(prompt=prompt, sampling=rq.as_sampling(sampling), encoding=Encoding(encoding), **fields)
+
+
+class SessionControl:
+    """Steering shared by the blocking and the asyncio session. Every method only queues a request, so it
+    returns at once and may be called from any thread (or task) while audio flows.
+
+    The request stream is closed (half-close) as soon as nothing more can usefully be sent: after stop(),
+    once every frame of a finite session has arrived, and at Finished. A request written after the server has
+    ended the call would otherwise race its status (grpc.aio turns such a failed write into INTERNAL)."""
+
+    _max_message_bytes: int
+
+    def __init__(self) -> None:
+        self.started: Started | None = None
+        self.finished: Finished | None = None
+        self.samples_received = 0  # output samples per channel in the chunks received so far
+        self.samples_acked = 0
+        self._ack_lock = threading.Lock()
+        self._requests_open = True
+
+    def _enqueue(self, item: object) -> None:
+        raise NotImplementedError
+
+    def _send(self, request: object) -> None:
+        if self._requests_open:
+            self._enqueue(request)
+
+    def _end_requests(self) -> None:
+        """Half-close the request stream (idempotent)."""
+        if self._requests_open:
+            self._requests_open = False
+            self._enqueue(_END)
+
+    def set_prompt(self, text: str | None = None, *, guidance_scale: float | None = None,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   greedy: bool | None = None, seed: int | None = None) -> None:
+        """New text prompt (None keeps the current one, "" is unconditional) and/or sampling fields (None keeps
+        each); applies from the next decoder step. A Notice(PROMPT_APPLIED) reports the frame."""
+        sampling = Sampling(guidance_scale, temperature, top_k, top_p, greedy, seed)
+        self._send(rq.set_prompt_request(text, sampling))
+
+    def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False) -> None:
+        """Continue from this audio ((samples,) or (samples, channels) float in [-1, 1], or int16), e.g. the bar
+        a host just looped. Sent as `partial` parts under the message-size limit; Notice(AUDIO_APPENDED)
+        reports the frame generation follows it from. replace_context: it alone becomes the context."""
+        for request in rq.append_audio_requests(samples, sample_rate, replace_context, self._max_message_bytes):
+            self._send(request)
+
+    def ack(self, samples_played: int) -> None:
+        """Report playback: total output samples per channel played so far. Drives the server's pacing.
+        Values not above the last ack are dropped; values beyond what was received are clamped."""
+        with self._ack_lock:
+            samples = min(int(samples_played), self.samples_received)
+            if samples <= self.samples_acked:
+                return
+            self.samples_acked = samples
+        self._send(rq.ack_request(samples))
+
+    def pause(self) -> None:
+        """Stop generating after the current step (audio already made still arrives); Notice(PAUSED)."""
+        self._send(rq.REQUEST_PAUSE)
+
+    def resume(self) -> None:
+        """Continue after pause (or a start_paused session); Notice(RESUMED)."""
+        self._send(rq.REQUEST_RESUME)
+
+    def stop(self) -> None:
+        """End the session: the server sends the remaining audio, then Finished(STOPPED). Nothing more can be
+        sent after it."""
+        self._send(rq.REQUEST_STOP)
+        self._end_requests()
+
+    def _track(self, event: Event) -> None:
+        if isinstance(event, AudioChunk):
+            self.samples_received = event.end_sample
+            total = self.started.duration_frames if self.started else None
+            if total is not None and event.first_frame + event.frame_count >= total:
+                self._end_requests()  # every frame is here: the server is finishing
+        elif isinstance(event, Started):
+            self.started = event
+        elif isinstance(event, Finished):
+            self.finished = event
+            self._end_requests()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.started.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.started.channels
+
+
+class LiveSession(SessionControl):
+    """A live session (blocking). Iterate it for events (Started first, then AudioChunk and Notice, Finished
+    last); steer it from any thread. `close()` (or leaving a `with` block) cancels it at once."""
+
+    def __init__(self, stub: pb_grpc.MusicGenStub, connection: Connection, start: pb.StartSession,
+                 timeout: float | None):
+        super().__init__()
+        self._max_message_bytes = connection.max_message_bytes
+        self._target = connection.target
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put(pb.SessionRequest(start=start))
+        self._closed = False
+        self._call = stub.Session(self._request_stream(), metadata=connection.metadata, timeout=timeout)
+        first = self._next()  # the server's verdict on the start: Started, or an error status
+        if not isinstance(first, Started):
+            self.close()
+            raise MusicGenError(f"expected Started as the first event, got {first!r}")
+        self._pending: list[Event] = [first]
+
+    def _request_stream(self) -> Iterator[pb.SessionRequest]:
+        while True:
+            item = self._requests.get()
+            if item is _END:
+                return
+            yield item
+
+    def _enqueue(self, item: object) -> None:
+        self._requests.put(item)
+
+    def _next(self) -> Event | None:
+        """The next event, None at the end of the stream; gRPC errors become client exceptions."""
+        while True:
+            try:
+                message = next(self._call)
+            except StopIteration:
+                self._end_requests()
+                return None
+            except grpc.RpcError as error:
+                self._end_requests()  # releases gRPC's request thread
+                if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+                    return None
+                raise from_rpc_error(error, self._target) from None
+            event = from_pb(message, self.started)
+            if event is not None:
+                self._track(event)
+                return event
+
+    def __iter__(self) -> Iterator[Event]:
+        """The session's events, in order. One consumer at a time."""
+        while self._pending:
+            yield self._pending.pop(0)
+        while (event := self._next()) is not None:
+            yield event
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called."""
+        return self._closed
+
+    def chunks(self) -> Iterator[AudioChunk]:
+        """Only the audio chunks of the session (other events still update started/finished)."""
+        return (event for event in self if isinstance(event, AudioChunk))
+
+    def close(self) -> None:
+        """Cancel the session now (no more events; the server frees it at once). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
+            self._end_requests()
+
+    def __enter__(self) -> "LiveSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Generation:
+    """A one-shot generation (blocking): iterate it for AudioChunks; `started`, `notices` and `finished` fill
+    in as the stream goes. `audio()` collects everything as one (samples, channels) array."""
+
+    def __init__(self, call, target: str):
+        self._call = call
+        self._target = target
+        self._cancelled = False
+        self.started: Started | None = None
+        self.finished: Finished | None = None
+        self.notices: list[Notice] = []
+        first = self._next()
+        if not isinstance(first, Started):
+            raise MusicGenError(f"expected Started as the first event, got {first!r}")
+        self.started = first
+
+    def _next(self) -> Event | None:
+        while True:
+            try:
+                message = next(self._call)
+            except StopIteration:
+                return None
+            except grpc.RpcError as error:
+                if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+                    return None
+                raise from_rpc_error(error, self._target) from None
+            event = from_pb(message, self.started)
+            if isinstance(event, Notice):
+                self.notices.append(event)
+            elif isinstance(event, Finished):
+                self.finished = event
+            elif event is not None:
+                return event
+
+    def __iter__(self) -> Iterator[AudioChunk]:
+        while (event := self._next()) is not None:
+            yield event
+
+    def audio(self) -> np.ndarray:
+        """All (remaining) audio as one (samples, channels) float32 array."""
+        parts = [chunk.audio for chunk in self]
+        return np.concatenate(parts) if parts else np.zeros((0, self.started.channels), np.float32)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
+class MusicGenClient:
+    """Blocking client of a MusicGen server.
+
+    target: "host:port". TLS: `secure=True` (system roots) or `root_certificates` (PEM bytes or a file path;
+    implies TLS); `tls_server_name` overrides the name checked in the server's certificate. token: sent as
+    `authorization: Bearer <token>` on every call. timeout: seconds for unary calls (model_info);
+    stream_timeout: a deadline for whole sessions and generations (None: none). max_message_bytes: the
+    server's message limit, under which appended audio is split.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, secure: bool = False,
+                 root_certificates: bytes | str | Path | None = None, token: str | None = None,
+                 timeout: float | None = 10.0, stream_timeout: float | None = None,
+                 tls_server_name: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.connection = Connection.build(target, secure=secure, root_certificates=root_certificates, token=token,
+                                           tls_server_name=tls_server_name, max_message_bytes=max_message_bytes)
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = self.connection.channel()
+        self._stub = pb_grpc.MusicGenStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self.connection.target
+
+    def model_info(self) -> ModelInfo:
+        """The served model, its audio format, and the server's limits and defaults."""
+        try:
+            reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.connection.metadata,
+                                            timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.target) from None
+        return ModelInfo.from_pb(reply)
+
+    def generate(self, prompt: str = "", *, seconds: float | None = None, frames: int | None = None,
+                 sampling: rq.SamplingLike = None, chunk_frames: int = 0, sample_rate: int = 0,
+                 encoding: Encoding | str = Encoding.FLOAT32, lookahead: int | None = None,
+                 audio_prompt: np.ndarray | None = None, audio_prompt_rate: int | None = None,
+                 return_codes: bool = False) -> Generation:
+        """Generate `seconds` (or `frames`) of audio as fast as the server can; returns once the server has
+        accepted the request (bad parameters raise InvalidArgument here). Iterate the result for AudioChunks.
+
+        sampling: a Sampling or a dict of its fields (guidance_scale, temperature, top_k, top_p, greedy, seed).
+        sample_rate: 0 = the model's, or 44100 / 48000. encoding: "float32" or "int16" on the wire (chunks are
+        float32 arrays either way). lookahead: decoder lookahead frames (None = exact). audio_prompt:
+        (samples,) or (samples, channels) to continue from, at audio_prompt_rate Hz.
+        """
+        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
+                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
+                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
+                                return_codes=return_codes)
+        request = pb.GenerateRequest(request=options.to_pb(self.connection.max_message_bytes))
+        call = self._stub.Generate(request, metadata=self.connection.metadata, timeout=self.stream_timeout)
+        return Generation(call, self.target)
+
+    def open_session(self, prompt: str = "", *, sampling: rq.SamplingLike = None, seconds: float | None = None,
+                     frames: int | None = None, chunk_frames: int = 0, sample_rate: int = 0,
+                     encoding: Encoding | str = Encoding.FLOAT32, lookahead: int | None = None,
+                     max_lead_seconds: float = 0.0, unpaced: bool = False, start_paused: bool = False,
+                     audio_prompt: np.ndarray | None = None, audio_prompt_rate: int | None = None,
+                     return_codes: bool = False, client_name: str = "", context_frames: int = 0,
+                     reprime_keep_frames: int = 0) -> LiveSession:
+        """Open a live session and wait for its Started event (bad parameters raise InvalidArgument, a full
+        server ResourceExhausted). seconds/frames None = unbounded (until stop or close).
+
+        max_lead_seconds: how far the server may run ahead of your acks (0 = server default, 2 s); unpaced:
+        ignore acks and generate as fast as possible; start_paused: generate nothing until resume().
+        The other arguments are those of `generate`.
+        """
+        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
+                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
+                                max_lead_seconds=max_lead_seconds, unpaced=unpaced, start_paused=start_paused,
+                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
+                                return_codes=return_codes, client_name=client_name, context_frames=context_frames,
+                                reprime_keep_frames=reprime_keep_frames)
+        return LiveSession(self._stub, self.connection, options.to_pb(self.connection.max_message_bytes),
+                           self.stream_timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MusicGenClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
