@@ -10,9 +10,9 @@ import torch
 
 
 def write(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
-    """audio: (channels, samples) float in [-1, 1] (clipped) -> 16-bit PCM, channels interleaved."""
+    """audio: (channels, samples) float in [-1, 1] -> 16-bit PCM (round(x * 32768), clipped), interleaved."""
     audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
-    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2")
+    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(audio.shape[0])
         handle.setsampwidth(2)

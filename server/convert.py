@@ -6,6 +6,7 @@ The only place (with service.py) where protobuf types appear on the server side.
 from __future__ import annotations
 
 import math
+import secrets
 
 import numpy as np
 
@@ -114,6 +115,8 @@ def audio_for_model(model: MusicGen, audio: np.ndarray, rate: int, field: str,
 def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field: str = "start") -> SessionSpec:
     text = check_text(model, start.prompt, f"{field}.prompt")
     params = sampling_from_pb(start.sampling, model.default_sampling(), f"{field}.sampling")
+    if params.seed is None:  # pick one, so Started can report it and the session can be replayed
+        params = SamplingParams(**{**params.__dict__, "seed": secrets.randbits(62)})
     audio_prompt = None
     if start.HasField("audio_prompt"):
         audio, rate = audio_from_pb(start.audio_prompt, f"{field}.audio_prompt")
@@ -131,9 +134,8 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
     if rate and rate != model.config.sampling_rate and rate not in SUPPORTED_OUTPUT_RATES:
         raise SpecError(f"{field}.output.sample_rate", f"must be 0 (the model's {model.config.sampling_rate} Hz), "
                                                        f"44100 or 48000, got {rate}")
-    if start.output.channels and start.output.channels != model.config.audio_channels:
-        raise SpecError(f"{field}.output.channels", f"the model makes {model.config.audio_channels} channel(s), "
-                                                    f"got {start.output.channels}")
+    if start.output.channels not in (0, 1, 2):
+        raise SpecError(f"{field}.output.channels", f"must be 0 (the model's), 1 or 2, got {start.output.channels}")
     lookahead = None
     if start.HasField("decoder_lookahead_frames"):
         lookahead = float(start.decoder_lookahead_frames)
@@ -148,6 +150,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
     return SessionSpec(
         text=text or None, params=params, total_frames=total, audio_prompt=audio_prompt, chunk_frames=chunk,
         output_rate=rate if rate != model.config.sampling_rate else 0, encoding=encoding,
+        output_channels=start.output.channels,
         lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
         client_name=start.client_name, context_frames=start.context_frames,
         reprime_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
@@ -171,11 +174,20 @@ def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field
 
 # -- events -----------------------------------------------------------------------------------------------------
 
+def map_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
+    """(model channels, samples) -> (channels, samples): mono duplicated, stereo averaged; 0 keeps them."""
+    if channels in (0, pcm.shape[0]):
+        return pcm
+    if channels == 1:
+        return pcm.mean(axis=0, keepdims=True)
+    return np.repeat(pcm, channels, axis=0)
+
+
 def encode_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
-    """(channels, samples) float32 -> interleaved little-endian bytes."""
+    """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32768), clipped."""
     interleaved = np.ascontiguousarray(pcm.T)
     if encoding is Encoding.INT16:
-        return np.clip(np.round(interleaved * 32767.0), -32768, 32767).astype("<i2").tobytes()
+        return np.clip(np.round(interleaved * 32768.0), -32768, 32767).astype("<i2").tobytes()
     return interleaved.astype("<f4").tobytes()
 
 
@@ -185,7 +197,8 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
     if isinstance(event, AudioChunk):
         chunk = pb.AudioChunk(sequence=event.sequence, start_sample=event.start_sample,
                               sample_count=event.pcm.shape[1], first_frame=event.first_frame,
-                              frame_count=event.frame_count, pcm=encode_pcm(event.pcm, spec.encoding),
+                              frame_count=event.frame_count,
+                              pcm=encode_pcm(map_channels(event.pcm, spec.output_channels), spec.encoding),
                               prompt=event.prompt, prompt_revision=event.prompt_revision,
                               sampling=sampling_to_pb(event.params))
         if return_codes:
@@ -194,9 +207,19 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
     if isinstance(event, Notice):
         spf = started.samples_per_frame * started.sample_rate / _model_rate(started) if started else 0
         return pb.SessionEvent(notice=pb.Notice(kind=NOTICE_KINDS[event.kind], frame=event.frame,
-                                                sample=round(event.frame * spf), message=event.message))
+                                                sample=round(event.frame * spf), prompt_revision=event.revision,
+                                                message=event.message))
     if isinstance(event, Finished):
         stats = pb.SessionStats(steps=event.steps, mean_step_ms=event.mean_step_ms)
+        if event.stats is not None:
+            s, audio_seconds = event.stats, event.total_samples / (started.sample_rate if started else 1)
+            stats.max_step_ms = 1000 * s.max_step_seconds
+            stats.mean_batch_sessions = s.batch_sessions / max(s.steps, 1)
+            stats.mean_decode_ms_per_frame = 1000 * s.decode_seconds / max(s.frames, 1)
+            stats.wall_seconds = s.wall_seconds
+            stats.waiting_seconds = max(0.0, s.wall_seconds - s.step_seconds - s.decode_seconds)
+            stats.realtime_factor = audio_seconds / max(s.step_seconds + s.decode_seconds, 1e-9)
+            stats.reprimes = s.reprimes
         return pb.SessionEvent(finished=pb.Finished(reason=FINISH_REASONS[event.reason],
                                                     total_frames=event.total_frames,
                                                     total_samples=event.total_samples, message=event.message,
@@ -213,11 +236,12 @@ def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
     message = pb.Started(
         session_id=event.session_id,
         output=pb.AudioFormat(encoding=TO_PB_ENCODING[event.encoding], sample_rate=event.sample_rate,
-                              channels=event.channels),
+                              channels=spec.output_channels or event.channels),
         frame_rate=event.frame_rate, samples_per_frame=event.samples_per_frame * scale,
         latency_samples=event.latency_samples,
         latency=pb.Latency(codebook_delay_samples=round(event.latency_delay_steps * event.samples_per_frame * scale),
                            decoder_lookahead_samples=round(event.latency_codec_samples * scale),
+                           resampler_samples=event.latency_resampler_samples,
                            chunk_samples=round(spec.chunk_frames * event.samples_per_frame * scale)),
         context_frames=event.context_frames, reprime_keep_frames=event.reprime_frames,
         sampling=sampling_to_pb(spec.params), chunk_frames=spec.chunk_frames,

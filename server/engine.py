@@ -69,7 +69,7 @@ class SessionHandle:
         session = self._session
         mean = 1000 * session.stats.step_seconds / max(session.stats.steps, 1)
         return Finished(FinishReason.ERROR, session.frames_sent, session.stats.samples, session.stats.steps,
-                        mean, message)
+                        mean, message, session.stats)
 
     def close(self) -> None:
         """The client is gone: free the session without sending anything more."""
@@ -222,7 +222,7 @@ class Engine:
         seconds = time.perf_counter() - started
         self.steps += 1
         for session, result in zip(ready, results):
-            self._guard(session, lambda: session.after_step(result.completed_frame, seconds))
+            self._guard(session, lambda: session.after_step(result.completed_frame, seconds, len(ready)))
         self._forget_finished()
 
     def _step_alone(self, session: Session) -> None:

@@ -39,6 +39,7 @@ class SessionSpec:
     audio_prompt: np.ndarray | None = None  # (channels, samples) float32 at the model's rate
     chunk_frames: int = 10
     output_rate: int = 0  # 0 = the model's rate
+    output_channels: int = 0  # 0 = the model's; 1 averages a stereo model, 2 duplicates a mono one
     encoding: Encoding = Encoding.FLOAT32
     lookahead_frames: float | None = None  # None = exact decoding
     max_lead_seconds: float | None = 2.0  # None = as fast as possible (no pacing)
@@ -59,6 +60,7 @@ class Started:
     latency_samples: int  # algorithmic latency at the output rate
     latency_delay_steps: int
     latency_codec_samples: int  # at the model's rate
+    latency_resampler_samples: int  # at the output rate
     context_frames: int
     reprime_frames: int
     prompt_frames: int
@@ -93,6 +95,7 @@ class Notice:
     kind: NoticeKind
     frame: int
     message: str
+    revision: int = 0  # the prompt revision in effect from `frame` on
 
 
 class FinishReason(Enum):
@@ -111,6 +114,7 @@ class Finished:
     steps: int
     mean_step_ms: float
     message: str = ""
+    stats: "SessionStats | None" = None
 
 
 Event = Started | AudioChunk | Notice | Finished
@@ -119,8 +123,12 @@ Event = Started | AudioChunk | Notice | Finished
 @dataclass
 class SessionStats:
     steps: int = 0
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0  # wall time of the decoder steps this session took part in
+    max_step_seconds: float = 0.0
+    batch_sessions: int = 0  # sum over steps of the sessions stepped together
+    decode_seconds: float = 0.0  # streaming codec time
     frames: int = 0
     samples: int = 0
     reprimes: int = 0
+    wall_seconds: float = 0.0
     extra: dict = field(default_factory=dict)

@@ -96,7 +96,9 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,
                  spec.text, spec.total_frames, spec.max_lead_seconds is not None)
-        reader = asyncio.create_task(self._read(requests, handle, queue)) if requests is not None else None
+        progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged
+        reader = (asyncio.create_task(self._read(requests, handle, queue, progress))
+                  if requests is not None else None)
         started: Started | None = None
         try:
             while True:
@@ -110,8 +112,13 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                     continue
                 if isinstance(item, Started):
                     started = item
-                yield convert.event_to_pb(item, spec, started, return_codes)
+                message = convert.event_to_pb(item, spec, started, return_codes)
+                if message.WhichOneof("event") == "audio":
+                    progress["sent"] += message.audio.sample_count
+                yield message
                 if isinstance(item, Finished):
+                    if reader is not None:  # let the client half-close first, so its last writes are not lost
+                        await asyncio.wait({reader}, timeout=2.0)
                     log.info("session=%s event=finished reason=%s frames=%d samples=%d steps=%d mean_step_ms=%.2f",
                              handle.id, item.reason.value, item.total_frames, item.total_samples, item.steps,
                              item.mean_step_ms)
@@ -121,7 +128,7 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                 reader.cancel()
             handle.close()  # frees the session at once if it is still running (cancel, disconnect, abort)
 
-    async def _read(self, requests, handle: SessionHandle, queue: asyncio.Queue) -> None:
+    async def _read(self, requests, handle: SessionHandle, queue: asyncio.Queue, progress: dict) -> None:
         """Apply steering messages as they arrive; a bad one ends the call with its status."""
         parts: list = []
         try:
@@ -131,7 +138,7 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "start: the session has already started")
                 if kind is None:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request: empty message (no field of the oneof set)")
-                await self._steer(kind, message, handle, parts)
+                await self._steer(kind, message, handle, parts, progress)
             handle.stop()  # half-close: the client has nothing more to say, so the session ends
         except _Abort as abort:
             queue.put_nowait(abort)
@@ -144,9 +151,16 @@ class MusicGenService(pb_grpc.MusicGenServicer):
         except Exception as error:  # the client's stream broke: nothing more to read, the session goes on
             log.debug("session=%s request stream ended: %s", handle.id, error)
 
-    async def _steer(self, kind: str, message: pb.SessionRequest, handle: SessionHandle, parts: list) -> None:
+    async def _steer(self, kind: str, message: pb.SessionRequest, handle: SessionHandle, parts: list,
+                     progress: dict) -> None:
         if kind == "ack":
-            handle.ack(message.ack.samples_played)
+            played = message.ack.samples_played
+            if played < progress["acked"]:
+                raise SpecError("ack.samples_played", f"decreased from {progress['acked']} to {played}")
+            if played > progress["sent"]:
+                raise SpecError("ack.samples_played", f"{played} exceeds the {progress['sent']} samples sent")
+            progress["acked"] = played
+            handle.ack(played)
         elif kind == "pause":
             handle.pause()
         elif kind == "resume":

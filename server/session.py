@@ -61,6 +61,11 @@ class AudioOut:
             self.resampler = soxr.ResampleStream(self.model_rate, self.output_rate, self.channels,
                                                  dtype="float32", quality="HQ")
 
+    @property
+    def resampler_delay(self) -> int:
+        """Output samples the resampler holds back before emitting (0 at the model's rate)."""
+        return 0 if self.resampler is None else math.ceil(self.resampler.delay())
+
     @torch.inference_mode()
     def push(self, frames: torch.Tensor) -> np.ndarray:
         """frames: (codebooks, n) -> (channels, samples) float32 of newly final audio."""
@@ -107,6 +112,7 @@ class Session:
         self.paused = spec.start_paused
         self.finished = False
         self.stats = SessionStats()
+        self.created = time.monotonic()
 
     @property
     def emitted_samples(self) -> int:
@@ -133,7 +139,8 @@ class Session:
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
             encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
-            latency_samples=(latency.delay_steps + held_frames) * self.audio.samples_per_frame,
+            latency_samples=(latency.delay_steps + held_frames) * self.audio.samples_per_frame
+            + self.audio.resampler_delay, latency_resampler_samples=self.audio.resampler_delay,
             latency_delay_steps=latency.delay_steps, latency_codec_samples=held_frames * hop,
             context_frames=self.limits.window_frames, reprime_frames=self.limits.reprime_frames,
             prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1], exact_decoding=latency.exact,
@@ -167,9 +174,11 @@ class Session:
         lead = self.emitted_samples - self.acked_samples
         return lead < self.spec.max_lead_seconds * self.audio.output_rate
 
-    def after_step(self, completed_frame: int | None, step_seconds: float) -> None:
+    def after_step(self, completed_frame: int | None, step_seconds: float, batch: int = 1) -> None:
         self.stats.steps += 1
         self.stats.step_seconds += step_seconds
+        self.stats.max_step_seconds = max(self.stats.max_step_seconds, step_seconds)
+        self.stats.batch_sessions += batch
         grid = self.state.grid
         if completed_frame is not None and completed_frame >= grid.prompt_frames:
             self._resolved(grid.frame(completed_frame).clone())
@@ -182,7 +191,9 @@ class Session:
         self.frames_done += 1
         self.history = torch.cat([self.history, frame[:, None]], dim=1)[:, -self.limits.window_frames:]
         self.unsent_codes = torch.cat([self.unsent_codes, frame[:, None]], dim=1)
+        started = time.perf_counter()
         self._take_pcm(self.audio.push(frame[:, None]))
+        self.stats.decode_seconds += time.perf_counter() - started
         self._send_chunks(final=False)
 
     def _take_pcm(self, pcm: np.ndarray) -> None:
@@ -231,9 +242,9 @@ class Session:
         keep = self.history[:, -self.limits.reprime_frames:] if self.limits.reprime_frames else None
         self._start_sequence(keep)
         self.stats.reprimes += 1
-        self.sink(Notice(NoticeKind.CONTEXT_REPRIMED, self.frames_done,
-                         f"context window of {self.limits.window_frames} frames reached; continuing from the "
-                         f"last {0 if keep is None else keep.shape[1]} frames"))
+        self._notice(NoticeKind.CONTEXT_REPRIMED, self.frames_done,
+                     f"context window of {self.limits.window_frames} frames reached; continuing from the "
+                     f"last {0 if keep is None else keep.shape[1]} frames")
 
     # -- steering (applied between steps) ----------------------------------------------------------------
 
@@ -258,8 +269,8 @@ class Session:
         self.revisions.append(Revision(number, first_affected, self.text, self.params))
         self.boundaries.append(first_affected)
         self._send_chunks(final=False)
-        self.sink(Notice(NoticeKind.PROMPT_APPLIED, first_affected,
-                         f"prompt revision {number} applies from frame {first_affected}"))
+        self._notice(NoticeKind.PROMPT_APPLIED, first_affected,
+                     f"prompt revision {number} applies from frame {first_affected}")
 
     def append_audio(self, appended: tuple[np.ndarray, bool]) -> None:
         """Continue from this audio (channels, samples at the model's rate). replace_context: it alone becomes
@@ -272,8 +283,8 @@ class Session:
         self.boundaries.append(self.frames_done)
         self._start_sequence(context[:, -keep:])
         self._send_chunks(final=False)
-        self.sink(Notice(NoticeKind.AUDIO_APPENDED, self.frames_done,
-                         f"continuing from {codes.shape[1]} frames of appended audio from frame {self.frames_done}"))
+        self._notice(NoticeKind.AUDIO_APPENDED, self.frames_done,
+                     f"continuing from {codes.shape[1]} frames of appended audio from frame {self.frames_done}")
 
     def ack(self, samples_played: int) -> None:
         self.acked_samples = max(self.acked_samples, samples_played)
@@ -282,12 +293,15 @@ class Session:
         if not self.paused:
             self.paused = True
             self._send_chunks(final=False, force=True)
-            self.sink(Notice(NoticeKind.PAUSED, self.frames_done, "paused"))
+            self._notice(NoticeKind.PAUSED, self.frames_done, "paused")
 
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self.sink(Notice(NoticeKind.RESUMED, self.frames_done, "resumed"))
+            self._notice(NoticeKind.RESUMED, self.frames_done, "resumed")
+
+    def _notice(self, kind: NoticeKind, frame: int, message: str) -> None:
+        self.sink(Notice(kind, frame, message, self.revisions[-1].number))
 
     def finish(self, reason: FinishReason, message: str = "") -> None:
         """Send what is left (the codec's tail, for a clean end), then Finished. Idempotent."""
@@ -297,8 +311,10 @@ class Session:
             self._take_pcm(self.audio.finish())
             self._send_chunks(final=True)
         self.finished = True
+        self.stats.wall_seconds = time.monotonic() - self.created
         mean = 1000 * self.stats.step_seconds / max(self.stats.steps, 1)
-        self.sink(Finished(reason, self.frames_sent, self.emitted_samples, self.stats.steps, mean, message))
+        self.sink(Finished(reason, self.frames_sent, self.emitted_samples, self.stats.steps, mean, message,
+                           self.stats))
         self.release()
 
     def release(self) -> None:

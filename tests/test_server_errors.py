@@ -77,7 +77,7 @@ START_CASES = [
     ("chunk", pb.StartSession(chunk_frames=100000), "start.chunk_frames"),
     ("duration", pb.StartSession(duration_seconds=-1.0), "start.duration_seconds"),
     ("output_rate", pb.StartSession(output=pb.AudioFormat(sample_rate=22050)), "start.output.sample_rate"),
-    ("output_channels", pb.StartSession(output=pb.AudioFormat(channels=2)), "start.output.channels"),
+    ("output_channels", pb.StartSession(output=pb.AudioFormat(channels=3)), "start.output.channels"),
     ("lead", pb.StartSession(max_lead_seconds=1e9), "start.max_lead_seconds"),
     ("text_over_limit", pb.StartSession(prompt=TOO_LONG), "start.prompt"),
     ("context", pb.StartSession(context_frames=100000), "context_frames"),
@@ -229,3 +229,16 @@ def test_unpaced_session_stops_cleanly_on_half_close(server):
             break
     rest = collect(call)
     assert rest.of("finished")[0].reason == pb.FINISH_REASON_STOPPED
+
+
+@pytest.mark.parametrize("played,text", [(10 ** 9, "exceeds"), (-1, "decreased")], ids=["beyond_sent", "decreasing"])
+def test_ack_must_not_exceed_what_was_sent_or_decrease(server, played, text):
+    queue = RequestQueue(start_request("warm lofi beat", max_lead_seconds=0.1, chunk_frames=1))
+    with pytest.raises(grpc.RpcError) as error:
+        for event in server.stub().Session(iter(queue), timeout=30):
+            if event.WhichOneof("event") == "audio":
+                end = event.audio.start_sample + event.audio.sample_count
+                queue.send(pb.SessionRequest(ack=pb.Ack(samples_played=end)))
+                queue.send(pb.SessionRequest(ack=pb.Ack(samples_played=end - 1 if played < 0 else played)))
+    assert error.value.code() == INVALID and "ack.samples_played" in error.value.details()
+    assert text in error.value.details()

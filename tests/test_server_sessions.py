@@ -124,9 +124,9 @@ def test_set_prompt_changes_output_from_the_reported_frame_and_not_before(server
     notice, seen = wait_for(call, "notice")
     applied = notice.notice.frame
     assert notice.notice.kind == pb.NOTICE_KIND_PROMPT_APPLIED
-    requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=10 ** 9)))
     chunks = [e.audio for e in before + seen if e.WhichOneof("event") == "audio"]
     while sum(c.frame_count for c in chunks) < applied + 12:
+        requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=chunks[-1].start_sample + chunks[-1].sample_count)))
         event, _ = wait_for(call, "audio")
         chunks.append(event.audio)
     requests.send(pb.SessionRequest(stop=pb.Stop()))
@@ -156,10 +156,14 @@ def test_append_audio_continues_exactly_as_an_offline_continuation(server, model
     notice, seen = wait_for(call, "notice")
     assert notice.notice.kind == pb.NOTICE_KIND_AUDIO_APPENDED
     appended_at = notice.notice.frame
-    requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=10 ** 9)))
+    received = [e.audio for e in seen if e.WhichOneof("event") == "audio"]
     chunks = []
     while sum(c.frame_count for c in chunks) < 15:
+        if received:
+            last = received[-1]
+            requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=last.start_sample + last.sample_count)))
         event, _ = wait_for(call, "audio")
+        received.append(event.audio)
         if event.audio.first_frame >= appended_at:
             chunks.append(event.audio)
     requests.send(pb.SessionRequest(stop=pb.Stop()))
@@ -307,3 +311,18 @@ def test_low_latency_lookahead_reports_less_latency_and_stays_close(server, mode
     assert np.array_equal(fast.codes, exact.codes) and fast.pcm.shape == exact.pcm.shape
     noise = np.sum((fast.pcm - exact.pcm) ** 2)
     assert noise > 0 and 10 * np.log10(np.sum(exact.pcm ** 2) / noise) > 10
+
+
+def test_mono_model_streams_stereo_on_request_and_reports_its_seed(server):
+    got = collect(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(
+        prompt=PROMPTS[0], duration_frames=10, output=pb.AudioFormat(channels=2)))), channels=2)
+    started = got.of("started")[0]
+    assert started.output.channels == 2 and np.array_equal(got.pcm[0], got.pcm[1])
+    assert started.sampling.HasField("seed")  # chosen by the server, so the session can be replayed
+    replay = collect(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(
+        prompt=PROMPTS[0], duration_frames=10, return_codes=True, sampling=pb.Sampling(seed=started.sampling.seed)))))
+    first = collect(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(
+        prompt=PROMPTS[0], duration_frames=10, return_codes=True, sampling=pb.Sampling(seed=started.sampling.seed)))))
+    assert np.array_equal(replay.codes, first.codes)
+    finished = got.of("finished")[0]
+    assert finished.stats.steps == 13 and finished.stats.wall_seconds > 0 and finished.stats.realtime_factor > 0
