@@ -33,7 +33,7 @@ def as_audio(samples: np.ndarray, field: str = "audio") -> np.ndarray:
     """(samples,) or (samples, channels) numeric -> (samples, channels) float32, checked locally."""
     audio = np.asarray(samples)
     if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / 32768.0
+        audio = audio.astype(np.float32) / 32767.0
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[:, None]

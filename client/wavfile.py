@@ -75,7 +75,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     elif format_tag == _PCM and width == 1:
         audio = (np.frombuffer(pcm, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif format_tag == _PCM and width == 2:
-        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767.0
     elif format_tag == _PCM and width == 3:
         b = np.frombuffer(pcm, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         ints = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)

@@ -10,9 +10,9 @@ import torch
 
 
 def write(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
-    """audio: (channels, samples) float in [-1, 1] -> 16-bit PCM (round(x * 32768), clipped), interleaved."""
+    """audio: (channels, samples) float in [-1, 1] -> 16-bit PCM (round(x * 32767), clipped; read back / 32767), interleaved."""
     audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
-    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
+    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(audio.shape[0])
         handle.setsampwidth(2)
@@ -28,7 +28,7 @@ def read(path: str | Path) -> tuple[np.ndarray, int]:
     if width == 1:
         data = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
-        data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+        data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
     elif width == 3:
         bytes3 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
         ints = (bytes3[:, 0].astype(np.int32) | (bytes3[:, 1].astype(np.int32) << 8)

@@ -89,7 +89,7 @@ def audio_from_pb(message: pb.AudioData, field: str) -> tuple[np.ndarray, int]:
         if not np.isfinite(samples).all():
             raise SpecError(f"{field}.pcm", "contains NaN or Inf samples")
     else:
-        samples = np.frombuffer(message.pcm, dtype="<i2").astype(np.float32) / 32768.0
+        samples = np.frombuffer(message.pcm, dtype="<i2").astype(np.float32) / 32767.0
     audio = samples.reshape(-1, message.channels).T.astype(np.float32)
     return audio, message.sample_rate
 
@@ -184,10 +184,10 @@ def map_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
 
 
 def encode_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
-    """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32768), clipped."""
+    """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32767) (full scale 32767, as the protocol says), clipped."""
     interleaved = np.ascontiguousarray(pcm.T)
     if encoding is Encoding.INT16:
-        return np.clip(np.round(interleaved * 32768.0), -32768, 32767).astype("<i2").tobytes()
+        return np.clip(np.round(interleaved * 32767.0), -32768, 32767).astype("<i2").tobytes()
     return interleaved.astype("<f4").tobytes()
 
 

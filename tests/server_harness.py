@@ -69,7 +69,7 @@ def collect(events, channels: int = 1, codebooks: int = 4, encoding: str = "<f4"
         seen.append(event)
         if event.WhichOneof("event") == "audio":
             data = np.frombuffer(event.audio.pcm, dtype=encoding)
-            pcm.append(data.reshape(-1, channels).T.astype(np.float32) / (32768.0 if encoding == "<i2" else 1.0))
+            pcm.append(data.reshape(-1, channels).T.astype(np.float32) / (32767.0 if encoding == "<i2" else 1.0))
             codes.extend(event.audio.codes)
     joined = np.concatenate(pcm, axis=1) if pcm else np.zeros((channels, 0), np.float32)
     return Collected(seen, joined, np.array(codes, dtype=np.int64).reshape(-1, codebooks).T)
