@@ -90,6 +90,29 @@ def time_to_first_audio(model, frames: int = 500, sessions: int = 3) -> list[flo
     return times
 
 
+def engine_realtime(model, sessions: int, seconds: float = 10.0) -> float:
+    """Per-session real-time factor of `sessions` concurrent unpaced sessions through the server's engine
+    (batched decoder steps + each session's streaming codec): audio seconds per session / wall seconds."""
+    from server.engine import Engine, EngineConfig
+    from server.events import Finished, SessionSpec
+
+    engine = Engine(model, EngineConfig(max_sessions=sessions))
+    engine.start()
+    done = threading.Semaphore(0)
+    sink = lambda event: done.release() if isinstance(event, Finished) else None  # noqa: E731
+    frames = round(seconds * model.config.frame_rate)
+    started = time.perf_counter()
+    for index in range(sessions):
+        spec = SessionSpec(text=f"{PROMPT} {index}", params=model.default_sampling(seed=index),
+                           total_frames=frames, chunk_frames=5, max_lead_seconds=None)
+        engine.open_session(spec, sink)
+    for _ in range(sessions):
+        done.acquire(timeout=600)
+    wall = time.perf_counter() - started
+    engine.shutdown(5)
+    return seconds / wall
+
+
 def peak_rss_mib(args, side: str) -> float:
     """Peak RSS of a fresh process that loads one side and runs a few steps."""
     code = (
@@ -118,6 +141,8 @@ def parse(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--quantize", choices=["int8"], default=None)
     parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
+    parser.add_argument("--engine-sessions", type=int, default=0,
+                        help="also run this many concurrent 10 s sessions through the server's engine")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -150,6 +175,9 @@ def main() -> None:
         sweep[count] = {"ms_per_step": round(ms, 2), "frames_per_s": round(1000 * count / ms, 1),
                         "per_session_rtf": round(20.0 / ms, 3)}
     result["sessions"] = sweep
+    if args.engine_sessions:
+        result["engine_sessions"] = args.engine_sessions
+        result["engine_per_session_rtf"] = round(engine_realtime(ours, args.engine_sessions), 3)
     cache = ours.decoder.allocate_cache(rows=2, capacity=50)
     result["kv_bytes_per_session_second"] = cache.nbytes
     if not args.no_rss:
