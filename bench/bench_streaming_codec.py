@@ -6,7 +6,8 @@ Per-frame cost for streams of 1, 10 and 30 s of:
   (c) the naive approach: re-decode the whole prefix every frame. Measured in full up to --naive-full-frames;
       beyond, prefixes of --naive-points lengths are timed, a + b * length is fitted and summed over all lengths
       (marked "extrapolated").
-Then the SNR against offline, and the cost, of low-latency settings (lookahead 0..3 frames) and exact mode.
+Then the SNR against offline, and the cost, of low-latency settings (lookahead 0..3 frames) and exact mode,
+and the exact-mode cost when each step gets several frames (weights are read once per step, not per frame).
 
     PYTHONPATH=. python bench/bench_streaming_codec.py --threads 2
 """
@@ -44,13 +45,14 @@ def offline_seconds(codec: Encodec, codes: torch.Tensor, repeats: int) -> float:
     return best
 
 
-def stream(codec: Encodec, codes: torch.Tensor, lookahead: float | None) -> tuple[torch.Tensor, list[float]]:
-    """Frame by frame; returns the audio and each step's seconds (the last entry is the flush)."""
+def stream(codec: Encodec, codes: torch.Tensor, lookahead: float | None,
+           frames_per_step: int = 1) -> tuple[torch.Tensor, list[float]]:
+    """Frame by frame (or n at a time); returns the audio and each step's seconds (the last is the flush)."""
     state = init_decoder_state(codec, lookahead_frames=lookahead)
     pieces, times = [], []
-    for index in range(codes.shape[-1]):
+    for index in range(0, codes.shape[-1], frames_per_step):
         started = time.perf_counter()
-        pieces.append(decode_step(codec, state, codes[..., index: index + 1]))
+        pieces.append(decode_step(codec, state, codes[..., index: index + frames_per_step]))
         times.append(time.perf_counter() - started)
     started = time.perf_counter()
     pieces.append(flush(codec, state))
@@ -75,6 +77,14 @@ def naive_seconds(codec: Encodec, codes: torch.Tensor, full_frames: int, points:
     return frames * intercept + slope * frames * (frames + 1) / 2, True
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     error = (estimate - reference).pow(2).sum().item()
     return math.inf if error == 0 else 10 * math.log10(reference.pow(2).sum().item() / error)
@@ -88,6 +98,8 @@ def main() -> None:
                         "up to this many frames; extrapolate beyond")
     parser.add_argument("--naive-points", type=int, default=8, help="prefix lengths timed for the extrapolation")
     parser.add_argument("--snr-seconds", type=float, default=10)
+    parser.add_argument("--frames-per-step", type=int, nargs="+", default=[1, 2, 5, 10],
+                        help="exact-mode cost when each decode_step gets this many frames (--snr-seconds stream)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +108,7 @@ def main() -> None:
     rate, hop = codec.config.sampling_rate, codec.config.hop_length
     frame_ms = 1000 * hop / rate
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}; "
+    print(f"torch {torch.__version__}, {args.threads} threads, {cpu_name()}; "
           f"codec: musicgen-small shape, random weights; frame = {hop} samples = {frame_ms:.0f} ms; "
           f"exact lookahead {decoder_lookahead_samples(codec.config)} samples")
     codec.decode(torch.randint(0, 2048, (1, 4, 20), generator=generator))  # warm-up
@@ -130,6 +142,13 @@ def main() -> None:
         name = "exact (default)" if lookahead is None else f"lookahead_frames={lookahead}"
         print(f"| {name} | {held} samples ({1000 * held / rate:.1f} ms) | {snr_db(reference, audio):.1f} dB "
               f"| {1000 * sum(times) / frames:.2f} ms/frame |")
+
+    print(f"\n| frames per decode_step (exact, {args.snr_seconds:g} s stream) | cost | offline, same clip |")
+    print("|---|---|---|")
+    offline = offline_seconds(codec, codes, 2)
+    for per_step in args.frames_per_step:
+        _, times = stream(codec, codes, None, per_step)
+        print(f"| {per_step} | {1000 * sum(times) / frames:.2f} ms/frame | {1000 * offline / frames:.2f} ms/frame |")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ class ResidualVectorQuantizer(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: (batch, quantizers, time) -> embeddings (batch, dim, time)"""
-        total = 0.0
+        embed = self.layers[0].codebook.embed
+        total = torch.zeros(codes.shape[0], codes.shape[2], embed.shape[1], dtype=embed.dtype, device=embed.device)
         for q in range(codes.shape[1]):
             total = total + F.embedding(codes[:, q], self.layers[q].codebook.embed)
         return total.transpose(1, 2)

@@ -119,7 +119,7 @@ def test_exact_mode_holds_back_its_right_context(codec):
     lookahead = decoder_lookahead_samples(codec.config)
     assert lookahead == 2402  # 3 frames for the kernel-7 first conv + 482 samples of the upsampling stack
     codes = torch.randint(0, 64, (1, 4, 20), generator=torch.Generator().manual_seed(1))
-    other = torch.cat([codes[..., :12], torch.randint(0, 64, (1, 4, 8))], dim=-1)
+    other = torch.cat([codes[..., :12], torch.randint(0, 64, (1, 4, 8), generator=torch.Generator())], dim=-1)
     full, prefix_end = offline(codec, codes), offline(codec, codes[..., :12])
     state = init_decoder_state(codec)
     emitted = []
@@ -139,7 +139,7 @@ def test_clone_continues_independently(codec):
     state = init_decoder_state(codec)
     head = decode_step(codec, state, codes[..., :7])
     twin, diverged = state.clone(), state.clone()
-    decode_step(codec, diverged, torch.randint(0, 64, (1, 4, 5)))
+    decode_step(codec, diverged, torch.randint(0, 64, (1, 4, 5), generator=torch.Generator()))
     flush(codec, diverged)  # stepping and ending a clone leaves the original untouched
     tails = [torch.cat([decode_step(codec, s, codes[..., 7:]), flush(codec, s)], dim=-1) for s in (state, twin)]
     assert torch.equal(tails[0], tails[1])
