@@ -38,14 +38,41 @@ def sinusoidal_positions(num_positions: int, width: int) -> torch.Tensor:
     return table
 
 
+# Row counts for which `weight @ x.T` beat F.linear on this machine (see `calibrate_linear`). Small-batch
+# F.linear is 2-4x slow on some CPUs (AMD EPYC, ../shared/NOTES.md) and the faster of the two on others
+# (a Xeon with AVX-512 here: 0.70 vs 1.16 ms at 2 rows), so the choice is measured, not assumed.
+TRANSPOSED_ROWS: set[int] = set()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. For a few rows on CPU, `weight @ x.T` reads the weight once and runs 2-4x faster than
-    F.linear (measured in ../shared/NOTES.md); the results agree to float rounding."""
+    """x @ weight.T, through whichever of F.linear / weight @ x.T is faster for this many rows on this CPU.
+    The two agree to float rounding."""
     rows = x.numel() // x.shape[-1]
-    if rows <= 16 and x.device.type == "cpu" and weight.dtype == x.dtype:
+    if rows in TRANSPOSED_ROWS and x.device.type == "cpu" and weight.dtype == x.dtype:
         flat = x.reshape(rows, x.shape[-1])
         return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def calibrate_linear(weight: torch.Tensor, rows_options=(1, 2, 4, 6, 8, 12, 16), repeats: int = 6) -> set[int]:
+    """Time both matmul forms on a real weight for each row count; record where weight @ x.T wins by 10%."""
+    import time
+
+    chosen = set()
+    for rows in rows_options:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        timings = []
+        for form in (lambda: F.linear(x, weight), lambda: weight @ x.T):
+            form()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                form()
+            timings.append(time.perf_counter() - started)
+        if timings[1] < 0.9 * timings[0]:
+            chosen.add(rows)
+    TRANSPOSED_ROWS.clear()
+    TRANSPOSED_ROWS.update(chosen)
+    return chosen
 
 
 class FastLinear(nn.Linear):

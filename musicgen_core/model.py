@@ -89,6 +89,9 @@ class MusicGen:
         if quantize is not None:
             from .quantize import quantize_decoder
             quantize_decoder(modules.decoder, quantize)
+        elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
+            from .decoder import calibrate_linear
+            calibrate_linear(modules.decoder.layers[0].fc1.weight)  # pick the faster small-batch matmul
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"
         if cuda_graphs and torch.device(device).type != "cuda":

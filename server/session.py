@@ -104,6 +104,7 @@ class Session:
         self.history = torch.zeros(codebooks, 0, dtype=torch.long)  # recent frames, for re-priming
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved, not yet in a chunk
         self.unsent_pcm = np.zeros((model.config.audio_channels, 0), dtype=np.float32)
+        self.codec_pending: list[torch.Tensor] = []  # resolved frames not yet given to the codec
         self.skip_samples = 0  # audio-prompt samples the codec will produce that the client already has
         self.frames_sent = 0
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
@@ -191,10 +192,21 @@ class Session:
         self.frames_done += 1
         self.history = torch.cat([self.history, frame[:, None]], dim=1)[:, -self.limits.window_frames:]
         self.unsent_codes = torch.cat([self.unsent_codes, frame[:, None]], dim=1)
+        self.codec_pending.append(frame)
+        if len(self.codec_pending) >= self.spec.chunk_frames:
+            self._push_codec()
+            self._send_chunks(final=False)
+
+    def _push_codec(self) -> None:
+        """Decode the frames waiting for the codec. They go in groups of chunk_frames: one call per frame costs
+        2-3x more per frame (each call re-reads the codec's weights), and a chunk cannot go out before the
+        codec has seen ~4 frames past its end anyway."""
+        if not self.codec_pending:
+            return
         started = time.perf_counter()
-        self._take_pcm(self.audio.push(frame[:, None]))
+        self._take_pcm(self.audio.push(torch.stack(self.codec_pending, dim=1)))
         self.stats.decode_seconds += time.perf_counter() - started
-        self._send_chunks(final=False)
+        self.codec_pending = []
 
     def _take_pcm(self, pcm: np.ndarray) -> None:
         if self.skip_samples:
@@ -292,6 +304,7 @@ class Session:
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
+            self._push_codec()
             self._send_chunks(final=False, force=True)
             self._notice(NoticeKind.PAUSED, self.frames_done, "paused")
 
@@ -308,6 +321,7 @@ class Session:
         if self.finished:
             return
         if reason in (FinishReason.COMPLETED, FinishReason.STOPPED, FinishReason.SERVER_SHUTDOWN) and self.audio:
+            self._push_codec()
             self._take_pcm(self.audio.finish())
             self._send_chunks(final=True)
         self.finished = True

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from musicgen_core import MusicGen
+from musicgen_core import decoder as decoder_module
 from musicgen_core.decoder import linear
 from musicgen_core.quantize import is_quantized
 
@@ -20,10 +21,17 @@ TEXT = "warm lofi beat with piano"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 40])
-def test_small_batch_linear_equals_f_linear(rows):
+def test_small_batch_linear_equals_f_linear(rows, monkeypatch):
+    monkeypatch.setattr(decoder_module, "TRANSPOSED_ROWS", {1, 2, 8, 40})
     generator = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, 64, generator=generator), torch.randn(96, 64, generator=generator)
     assert torch.allclose(linear(x, weight), F.linear(x, weight), atol=1e-5)
+
+
+def test_linear_calibration_records_only_row_counts_it_measured():
+    chosen = decoder_module.calibrate_linear(torch.randn(256, 128), rows_options=(1, 2), repeats=2)
+    assert chosen <= {1, 2} and decoder_module.TRANSPOSED_ROWS == chosen
+    decoder_module.TRANSPOSED_ROWS.clear()
 
 
 @pytest.fixture(scope="module")
