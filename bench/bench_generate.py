@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,8 +119,9 @@ def peak_rss_mib(args, side: str) -> float:
         "import bench_generate as b; a = b.parse(); torch.set_num_threads(a.threads);"
         "m = b.load_ours(a) if {side!r} == 'ours' else b.load_transformers(a);"
         "b.our_step_times(m, 5) if {side!r} == 'ours' else b.transformers_step_times(*m, 5);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     ).format(argv=sys.argv[1:], side=side)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 

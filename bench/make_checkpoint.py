@@ -39,9 +39,12 @@ def main() -> None:
     parser.add_argument("--stereo", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="multiply the output heads (e.g. 8: peaked, trained-like next-token distributions)")
     args = parser.parse_args()
     started = time.perf_counter()
-    write_random_checkpoint(args.out, published_config(args.shape, args.stereo), args.seed, fit_text_vocab=False)
+    write_random_checkpoint(args.out, published_config(args.shape, args.stereo), args.seed, fit_text_vocab=False,
+                            logit_scale=args.logit_scale)
     print(f"wrote {args.out} ({args.shape}{' stereo' if args.stereo else ''}) in {time.perf_counter() - started:.1f} s")
 
 

@@ -75,9 +75,13 @@ def write_demo_checkpoint(directory: Path, seed: int = 0) -> Path:
     return write_random_checkpoint(directory, DEMO_CONFIG, seed)
 
 
-def write_random_checkpoint(directory: Path, config: dict, seed: int = 0, fit_text_vocab: bool = True) -> Path:
+def write_random_checkpoint(directory: Path, config: dict, seed: int = 0, fit_text_vocab: bool = True,
+                            logit_scale: float = 1.0) -> Path:
     """A random-weight checkpoint of any MusicGen shape in the published layout. With fit_text_vocab the
-    text encoder's vocabulary is sized to the generated tokenizer (plus T5's 100 sentinels)."""
+    text encoder's vocabulary is sized to the generated tokenizer (plus T5's 100 sentinels). logit_scale
+    multiplies the output heads: random logits are nearly flat (std ~0.6), so top-1 comparisons between
+    numeric paths flip on near-ties; sharper heads give peaked distributions more like a trained model's.
+    (Scaling every decoder weight instead makes a 24-layer stack chaotic: its residual stream explodes.)"""
     from .config import MusicGenConfig
     from .model import MusicGenModules
 
@@ -93,6 +97,8 @@ def write_random_checkpoint(directory: Path, config: dict, seed: int = 0, fit_te
     for name, tensor in modules.state_dict().items():
         if name.endswith("codebook.embed"):
             tensor = torch.randn_like(tensor)  # a zero codebook would make every code decode alike
+        elif name.startswith("decoder.lm_heads.") and logit_scale != 1.0:
+            tensor = tensor * logit_scale
         key = to_checkpoint_key(name)
         if key.startswith("audio_encoder.") and key.endswith("conv.weight"):
             # the published files store weight norm as (g, v); write it that way to exercise the folding

@@ -159,3 +159,35 @@ def test_encodec_encode_codes_identical_and_decode_close(mono):
         reference_audio = oracle.audio_encoder.decode(reference[None], [None]).audio_values
         ours_audio = model.codec.decode(ours)
     assert (ours_audio - reference_audio).abs().max() < AUDIO_TOLERANCE
+
+
+@pytest.mark.parametrize("causal,trim,pad_mode", [(True, 1.0, "reflect"), (True, 0.5, "constant"),
+                                                   (False, 1.0, "constant")],
+                         ids=["causal", "causal_trim_half_constant_pad", "noncausal_constant_pad"])
+def test_encodec_honours_causal_flag_pad_mode_and_trim_ratio(tmp_path, causal, trim, pad_mode):
+    from safetensors.torch import save_file
+    from transformers import EncodecConfig as HFEncodecConfig
+    from transformers import EncodecModel
+
+    from musicgen_core.config import EncodecConfig
+    from musicgen_core.encodec import Encodec
+    from musicgen_core.loading import read_state_dict
+
+    raw = dict(sampling_rate=32000, upsampling_ratios=[8, 5, 4, 4], num_filters=4, hidden_size=16,
+               codebook_size=64, target_bandwidths=[2.2], use_causal_conv=causal, trim_right_ratio=trim,
+               pad_mode=pad_mode, use_conv_shortcut=False, num_lstm_layers=2)
+    torch.manual_seed(0)
+    oracle = EncodecModel(HFEncodecConfig(**raw)).eval()
+    for layer in oracle.quantizer.layers:
+        layer.codebook.embed.normal_()
+    save_file({f"audio_encoder.{k}": v.contiguous() for k, v in oracle.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    ours = Encodec(EncodecConfig.from_dict(raw))
+    state = {k[len("audio_encoder."):]: v for k, v in read_state_dict(tmp_path, torch.float32).items()}
+    ours.load_state_dict(state)
+    audio = 0.5 * torch.randn(1, 1, 640 * 5 + 99, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        codes = oracle.encode(audio).audio_codes[0]
+        assert torch.equal(ours.encode(audio), codes)
+        reference = oracle.decode(codes[None], [None]).audio_values
+        assert (ours.decode(codes) - reference).abs().max() < AUDIO_TOLERANCE
