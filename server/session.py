@@ -172,8 +172,9 @@ class Session:
             return False
         if self.spec.max_lead_seconds is None:
             return True
-        lead = self.emitted_samples - self.acked_samples
-        return lead < self.spec.max_lead_seconds * self.audio.output_rate
+        # count every completed frame, sent or not, so what is sent can never run past the lead
+        generated = self.frames_done * self.audio.samples_per_frame
+        return generated - self.acked_samples < self.spec.max_lead_seconds * self.audio.output_rate
 
     def after_step(self, completed_frame: int | None, step_seconds: float, batch: int = 1) -> None:
         self.stats.steps += 1

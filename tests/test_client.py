@@ -85,7 +85,8 @@ def test_play_greedy_wav_equals_the_server_stream(server, tmp_path):
                      "--seconds", "1", "--greedy", "--guidance-scale", "3", "--chunk-frames", "7")
     assert result.returncode == 0, result.stderr
     reference = collect(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(
-        prompt="dark techno", sampling=pb.Sampling(greedy=True, guidance_scale=3.0), duration_seconds=1.0))))
+        prompt="dark techno", sampling=pb.Sampling(greedy=True, guidance_scale=3.0), duration_seconds=1.0,
+        chunk_frames=7))))  # the same chunking: the codec is fed in chunk-sized groups
     pcm, _, _ = read_int16_wav(out)
     assert np.array_equal(pcm, to_int16(reference.pcm.T))  # exact at 16 bits
 
