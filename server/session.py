@@ -105,6 +105,7 @@ class Session:
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved, not yet in a chunk
         self.unsent_pcm = np.zeros((model.config.audio_channels, 0), dtype=np.float32)
         self.codec_pending: list[torch.Tensor] = []  # resolved frames not yet given to the codec
+        self.held_frames = 0  # whole frames the codec holds back (its lookahead), set by begin()
         self.skip_samples = 0  # audio-prompt samples the codec will produce that the client already has
         self.frames_sent = 0
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
@@ -137,6 +138,7 @@ class Session:
         latency = algorithmic_latency(config.decoder, config.audio_encoder, spec.lookahead_frames)
         hop = config.audio_encoder.hop_length
         held_frames = math.ceil(latency.codec_lookahead_samples / hop)  # chunks are whole frames
+        self.held_frames = held_frames
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
             encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
@@ -172,9 +174,15 @@ class Session:
             return False
         if self.spec.max_lead_seconds is None:
             return True
-        # count every completed frame, sent or not, so what is sent can never run past the lead
-        generated = self.frames_done * self.audio.samples_per_frame
-        return generated - self.acked_samples < self.spec.max_lead_seconds * self.audio.output_rate
+        # Frames past the codec's lookahead can never be sent before more are generated, so they do not count;
+        # every other completed frame does, sent or not, so what is sent never runs past the lead.
+        sendable = (self.frames_done - self.held_frames) * self.audio.samples_per_frame
+        if sendable - self.acked_samples < self.spec.max_lead_seconds * self.audio.output_rate:
+            return True
+        if self.codec_pending or self.unsent_codes.shape[1]:  # held at the lead: hand over all that is final
+            self._push_codec()
+            self._send_chunks(final=False, force=True)
+        return False
 
     def after_step(self, completed_frame: int | None, step_seconds: float, batch: int = 1) -> None:
         self.stats.steps += 1
