@@ -26,6 +26,8 @@ class GraphedStep:
         device = decoder.layer_norm.weight.device
         codebooks = decoder.config.num_codebooks
         self.key = _key(states)
+        # the captured addresses belong to these objects: holding them keeps their ids from being reused
+        self.captured = [(s.cache, s.cross) for s in states]
         self.rows = [s.cache.rows for s in states]
         self.tokens = torch.zeros(len(states), codebooks, 1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(len(states), dtype=torch.long, device=device)
@@ -69,7 +71,8 @@ class GraphCache:
         if any(s.pending_columns().shape[1] != 1 for s in states):
             return None
         key = _key(states)
-        if self.graph is not None and self.graph.key == key:
+        if self.graph is not None and self.graph.key == key and all(
+                cache is s.cache and cross is s.cross for (cache, cross), s in zip(self.graph.captured, states)):
             return self.graph.run(states)
         seen_before, self.last_key = self.last_key == key, key
         if not seen_before:

@@ -20,7 +20,8 @@ import numpy as np
 
 from musicgen_core import MusicGen, SamplingParams
 
-from .events import Event, Finished, FinishReason, OrderError, SessionLimitError, SessionSpec, SpecError
+from .events import (Event, Finished, FinishReason, OrderError, ServerClosingError, SessionLimitError, SessionSpec,
+                     SpecError)
 from .session import Limits, Session
 
 log = logging.getLogger("musicgen.engine")
@@ -87,6 +88,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._running = False
+        self._closing = False
         self._thread: threading.Thread | None = None
         self._counter = itertools.count(1)
         self.steps = 0
@@ -127,6 +129,7 @@ class Engine:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Every session receives Finished(SERVER_SHUTDOWN) with its audio tail, then the thread stops."""
         with self._lock:
+            self._closing = True
             for session in list(self._sessions.values()) + list(self._joining):
                 self._commands.append((session, "shutdown", None))
         self._wake.set()
@@ -146,6 +149,8 @@ class Engine:
     def open_session(self, spec: SessionSpec, sink: Callable[[Event], None]) -> SessionHandle:
         """Admit a session (RESOURCE_EXHAUSTED past max_sessions); it starts on the next scheduler turn."""
         with self._lock:
+            if self._closing:
+                raise ServerClosingError("the server is shutting down; no new sessions")
             if len(self._sessions) + len(self._joining) >= self.config.max_sessions:
                 raise SessionLimitError(f"server is at its limit of {self.config.max_sessions} sessions; "
                                         "try again when one ends")
@@ -164,17 +169,37 @@ class Engine:
 
     def _loop(self) -> None:
         while self._running:
-            self._admit()
-            self._apply_commands()
-            ready = [s for s in self._sessions.values() if s.ready()][: self.config.max_batch]
-            if not ready:
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
-                continue
-            self._step(ready)
-        for session in list(self._sessions.values()):
+            try:
+                self._turn()
+            except Exception:  # never let one turn's surprise stop every session
+                log.exception("scheduler turn failed")
+        with self._lock:
+            leftover = list(self._sessions.values()) + list(self._joining)
+            self._sessions.clear()
+            self._joining.clear()
+        for session in leftover:  # still running at the deadline: tell the client, then free
+            self._guard(session, lambda: session.finish(FinishReason.SERVER_SHUTDOWN, "server stopped"))
             session.release()
-        self._sessions.clear()
+
+    def _turn(self) -> None:
+        self._admit()
+        self._apply_commands()
+        ready = [s for s in self._sessions.values() if self._is_ready(s)]
+        ready.sort(key=lambda s: s.stats.steps)  # past max_batch, the least-stepped go first
+        ready = ready[: self.config.max_batch]
+        if not ready:
+            self._wake.wait(timeout=0.05)
+            self._wake.clear()
+            return
+        self._step(ready)
+
+    def _is_ready(self, session: Session) -> bool:
+        try:
+            return session.ready()
+        except Exception as error:
+            log.exception("session %s failed its readiness check", session.id)
+            self._fail(session, error)
+            return False
 
     def _admit(self) -> None:
         while True:
@@ -182,32 +207,51 @@ class Engine:
                 if not self._joining:
                     return
                 session = self._joining.popleft()
+                if session.finished:  # closed before it began
+                    continue
                 self._sessions[session.id] = session
             self._guard(session, session.begin)
 
     def _apply_commands(self) -> None:
-        while True:
-            with self._lock:
-                if not self._commands:
-                    return
-                session, name, argument = self._commands.popleft()
+        """Apply queued commands in order. A session admitted after this turn's `_admit` keeps its commands
+        for the next turn (it must begin first); a close before it began drops it unstarted."""
+        with self._lock:
+            commands, self._commands = self._commands, deque()
+        deferred = []
+        for session, name, argument in commands:
+            if session.id not in self._sessions and not session.finished:  # not begun yet
+                if name == "close":
+                    with self._lock:
+                        if session in self._joining:
+                            self._joining.remove(session)
+                    session.release()
+                else:
+                    deferred.append((session, name, argument))
+                continue
             if session.finished and name != "close":
                 continue
-            if name == "close":
-                session.release()
-            elif name == "stop":
-                self._guard(session, lambda: session.finish(FinishReason.STOPPED))
-            elif name == "shutdown":
-                self._guard(session, lambda: session.finish(FinishReason.SERVER_SHUTDOWN))
-            elif name == "ack":
-                session.ack(int(argument))
-            elif name in ("pause", "resume"):
-                getattr(session, name)()
-            elif name in ("set_prompt", "append_audio"):
-                self._guard(session, lambda: getattr(session, name)(argument))
-            else:
-                raise OrderError(f"unknown command {name}")
-            self._forget_finished()
+            self._guard(session, lambda: self._apply(session, name, argument))
+        if deferred:
+            with self._lock:
+                self._commands.extendleft(reversed(deferred))
+        self._forget_finished()
+
+    @staticmethod
+    def _apply(session: Session, name: str, argument: object) -> None:
+        if name == "close":
+            session.release()
+        elif name == "stop":
+            session.finish(FinishReason.STOPPED)
+        elif name == "shutdown":
+            session.finish(FinishReason.SERVER_SHUTDOWN)
+        elif name == "ack":
+            session.ack(int(argument))
+        elif name in ("pause", "resume"):
+            getattr(session, name)()
+        elif name in ("set_prompt", "append_audio"):
+            getattr(session, name)(argument)
+        else:
+            raise OrderError(f"unknown command {name}")
 
     def _step(self, ready: list[Session]) -> None:
         started = time.perf_counter()
@@ -236,11 +280,16 @@ class Engine:
             action()
         except Exception as error:
             log.exception("session %s failed", session.id)
-            if not session.finished:
-                try:
-                    session.finish(FinishReason.ERROR, f"{type(error).__name__}: {error}")
-                except Exception:
-                    session.release()
+            self._fail(session, error)
+
+    @staticmethod
+    def _fail(session: Session, error: Exception) -> None:
+        if session.finished:
+            return
+        try:
+            session.finish(FinishReason.ERROR, f"{type(error).__name__}: {error}")
+        except Exception:
+            session.release()
 
     def _forget_finished(self) -> None:
         with self._lock:

@@ -26,6 +26,10 @@ class SessionLimitError(RuntimeError):
     """No room for another session (RESOURCE_EXHAUSTED)."""
 
 
+class ServerClosingError(RuntimeError):
+    """The server is shutting down (UNAVAILABLE)."""
+
+
 class Encoding(Enum):
     FLOAT32 = "float32"
     INT16 = "int16"

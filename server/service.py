@@ -16,7 +16,8 @@ from musicgen_core.streaming_codec import decoder_lookahead_samples
 
 from . import convert
 from .engine import Engine, SessionHandle
-from .events import Event, Finished, OrderError, SessionLimitError, SessionSpec, SpecError, Started
+from .events import (Event, Finished, OrderError, ServerClosingError, SessionLimitError, SessionSpec, SpecError,
+                     Started)
 
 log = logging.getLogger("musicgen.server")
 
@@ -92,6 +93,8 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             handle = self.engine.open_session(spec, sink)
         except SessionLimitError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except ServerClosingError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except SpecError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,

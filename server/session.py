@@ -105,7 +105,6 @@ class Session:
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved, not yet in a chunk
         self.unsent_pcm = np.zeros((model.config.audio_channels, 0), dtype=np.float32)
         self.codec_pending: list[torch.Tensor] = []  # resolved frames not yet given to the codec
-        self.held_frames = 0  # whole frames the codec holds back (its lookahead), set by begin()
         self.skip_samples = 0  # audio-prompt samples the codec will produce that the client already has
         self.frames_sent = 0
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
@@ -138,7 +137,6 @@ class Session:
         latency = algorithmic_latency(config.decoder, config.audio_encoder, spec.lookahead_frames)
         hop = config.audio_encoder.hop_length
         held_frames = math.ceil(latency.codec_lookahead_samples / hop)  # chunks are whole frames
-        self.held_frames = held_frames
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
             encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
@@ -172,17 +170,14 @@ class Session:
     def ready(self) -> bool:
         if self.finished or self.paused or self.state is None:
             return False
+        return not self._over_lead()
+
+    def _over_lead(self) -> bool:
+        """Paced sessions keep the audio sent at most `max_lead_seconds` ahead of the acks: they neither step
+        nor send another chunk while that far ahead (a chunk sent just under the lead may pass it by one)."""
         if self.spec.max_lead_seconds is None:
-            return True
-        # Frames past the codec's lookahead can never be sent before more are generated, so they do not count;
-        # every other completed frame does, sent or not, so what is sent never runs past the lead.
-        sendable = (self.frames_done - self.held_frames) * self.audio.samples_per_frame
-        if sendable - self.acked_samples < self.spec.max_lead_seconds * self.audio.output_rate:
-            return True
-        if self.codec_pending or self.unsent_codes.shape[1]:  # held at the lead: hand over all that is final
-            self._push_codec()
-            self._send_chunks(final=False, force=True)
-        return False
+            return False
+        return self.emitted_samples - self.acked_samples >= self.spec.max_lead_seconds * self.audio.output_rate
 
     def after_step(self, completed_frame: int | None, step_seconds: float, batch: int = 1) -> None:
         self.stats.steps += 1
@@ -237,6 +232,8 @@ class Session:
             count = stop - self.frames_sent
             if count <= 0 or (count < self.spec.chunk_frames and not (final or force)
                               and stop not in self.boundaries):
+                return
+            if not final and self._over_lead():  # the rest waits for acks (see ack)
                 return
             samples = self.unsent_pcm.shape[1] if final and count == self.unsent_codes.shape[1] else count * spf
             self._send(count, samples)
@@ -309,6 +306,8 @@ class Session:
 
     def ack(self, samples_played: int) -> None:
         self.acked_samples = max(self.acked_samples, samples_played)
+        if self.audio is not None and not self.finished:
+            self._send_chunks(final=False)  # chunks held back at the lead may go now
 
     def pause(self) -> None:
         if not self.paused:

@@ -1,0 +1,69 @@
+"""The engine's scheduling rules, driven turn by turn without a transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from musicgen_core import MusicGen
+from server.engine import Engine, EngineConfig
+from server.events import (Finished, FinishReason, Notice, NoticeKind, ServerClosingError, SessionSpec, Started)
+
+
+@pytest.fixture(scope="module")
+def model(mono_checkpoint):
+    return MusicGen.from_pretrained(mono_checkpoint)
+
+
+def spec(model, **fields):
+    return SessionSpec(text="warm lofi beat", params=model.default_sampling(greedy=True), **fields)
+
+
+def test_commands_sent_before_a_session_begins_wait_for_it(model):
+    engine, events = Engine(model), []
+    handle = engine.open_session(spec(model), events.append)
+    handle.pause()
+    engine._apply_commands()  # the race: commands applied before this turn admitted the session
+    assert events == []
+    engine._admit()
+    engine._apply_commands()
+    assert isinstance(events[0], Started)
+    assert isinstance(events[1], Notice) and events[1].kind is NoticeKind.PAUSED
+
+
+def test_a_session_closed_before_it_begins_never_starts(model):
+    engine, events = Engine(model), []
+    handle = engine.open_session(spec(model), events.append)
+    handle.close()
+    engine._apply_commands()
+    engine._admit()
+    assert events == [] and engine.active_sessions == 0
+
+
+def test_no_new_sessions_once_shutdown_began(model):
+    engine = Engine(model)
+    engine.start()
+    engine.shutdown(1)
+    with pytest.raises(ServerClosingError):
+        engine.open_session(spec(model), lambda event: None)
+
+
+def test_shutdown_finishes_running_sessions(model):
+    engine, events = Engine(model), []
+    engine.start()
+    engine.open_session(spec(model, max_lead_seconds=None), events.append)
+    while not any(isinstance(e, Started) for e in events):
+        pass
+    engine.shutdown(5)
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert len(finished) == 1 and finished[0].reason is FinishReason.SERVER_SHUTDOWN
+
+
+def test_sessions_beyond_max_batch_take_turns(model):
+    engine, events = Engine(model, EngineConfig(max_sessions=4, max_batch=2)), []
+    for _ in range(3):
+        engine.open_session(spec(model, max_lead_seconds=None), events.append)
+    engine._admit()
+    for _ in range(6):
+        engine._turn()
+    steps = sorted(s.stats.steps for s in engine._sessions.values())
+    assert steps == [4, 4, 4]
