@@ -96,6 +96,24 @@ class Attention(nn.Module):
         """(rows, time, width) -> (rows, heads, time, head_dim)"""
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
+    def fuse_qkv(self) -> None:
+        """Replace q/k/v by one (3 x width, width) projection: one matmul reads the three weights per step
+        (2 ms less per musicgen-small step in int8 on the dev box). For self-attention only: cross-attention
+        projects its keys/values once per conditioning."""
+        width = self.q_proj.in_features
+        fused = FastLinear(width, 3 * width, bias=False, device=self.q_proj.weight.device,
+                           dtype=self.q_proj.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        self.qkv = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        return (self.split_heads(self.q_proj(x)),) + self.project_kv(x)
+
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
@@ -127,6 +145,11 @@ class MusicgenDecoder(nn.Module):
             [FastLinear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_codebooks)])
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
+
+    def fuse_projections(self) -> None:
+        """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_qkv()
 
     def prepare(self) -> None:
         """Build the non-persistent position table on the weights' device and dtype (after loading)."""
@@ -220,8 +243,7 @@ class MusicgenDecoder(nn.Module):
                lengths: torch.Tensor | None = None) -> torch.Tensor:
         attn = layer.self_attn
         h = layer.self_attn_layer_norm(x)
-        q = attn.split_heads(attn.q_proj(h))
-        k, v = attn.project_kv(h)
+        q, k, v = attn.project_qkv(h)
         outputs = []
         for i, cache in enumerate(caches):
             rows = slice(bounds[i], bounds[i + 1])

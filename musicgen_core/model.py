@@ -86,6 +86,7 @@ class MusicGen:
             modules = MusicGenModules(config)
         check_and_load(modules, read_state_dict(directory, dtype), directory)
         modules.to(device)
+        modules.decoder.fuse_projections()
         if quantize is not None:
             from .quantize import quantize_decoder
             quantize_decoder(modules.decoder, quantize)
