@@ -7,7 +7,7 @@ The online pieces (`start_sequence`, `decode_step`, the streaming codec) are the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -229,7 +229,7 @@ class MusicGen:
         for index, conditioning in enumerate(self.encode_text(list(prompts))):
             codes = prompt_codes[index]
             prompt_frames = 0 if codes is None else codes.shape[1]
-            seeded = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+            seeded = params if params.seed is None else replace(params, seed=params.seed + index)
             states.append(self.start_sequence(conditioning, seeded, codes, total_frames=prompt_frames + new_frames))
         started = time.perf_counter()
         steps = 0

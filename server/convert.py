@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import replace
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def sampling_from_pb(message: pb.Sampling, base: SamplingParams, field: str) -> 
     for name in ("guidance_scale", "temperature", "top_k", "top_p", "greedy", "seed"):
         if message.HasField(name):
             changes[name] = getattr(message, name)
-    params = SamplingParams(**{**base.__dict__, **changes})
+    params = replace(base, **changes)
     try:
         return params.validated()
     except ValueError as error:
@@ -116,7 +117,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
     text = check_text(model, start.prompt, f"{field}.prompt")
     params = sampling_from_pb(start.sampling, model.default_sampling(), f"{field}.sampling")
     if params.seed is None:  # pick one, so Started can report it and the session can be replayed
-        params = SamplingParams(**{**params.__dict__, "seed": secrets.randbits(62)})
+        params = replace(params, seed=secrets.randbits(62))
     audio_prompt = None
     if start.HasField("audio_prompt"):
         audio, rate = audio_from_pb(start.audio_prompt, f"{field}.audio_prompt")

@@ -257,7 +257,7 @@ class Engine:
         started = time.perf_counter()
         try:
             results = self.model.step([s.state for s in ready])
-        except Exception as error:  # one bad state must not take the others down: retry them one by one
+        except Exception:  # one bad state must not take the others down: retry them one by one
             log.exception("batched step failed; stepping sessions alone")
             for session in ready:
                 self._guard(session, lambda: self._step_alone(session))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from checkpoints import load_oracle, oracle_generate
 from musicgen_cli import wav

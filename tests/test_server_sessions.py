@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 import torch
