@@ -139,7 +139,7 @@ def parse(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--quantize", choices=["int8"], default=None)
+    parser.add_argument("--quantize", choices=["int8", "int8-fbgemm"], default=None)
     parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
     parser.add_argument("--engine-sessions", type=int, default=0,
                         help="also run this many concurrent 10 s sessions through the server's engine")

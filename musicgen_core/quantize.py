@@ -1,11 +1,17 @@
-"""Int8 weights for the decoder's linear layers (dynamic int8 activations, fbgemm on x86 / qnnpack on Arm).
+"""Int8 weights for the decoder's linear layers, with dynamic int8 activations.
 
 The decoder step is bound by reading its weights (1.7 GB in fp32 for musicgen-small); int8 weights read a
 quarter of that. Only the decoder LM is quantized: the text encoder runs once per prompt and the codec is small.
+
+Schemes:
+- "int8": our AVX-512 VNNI kernel (int8_kernel.py: per-channel weights, per-row activations) where this CPU
+  and a compiler allow it, otherwise fbgemm (logged once).
+- "int8-fbgemm": torch.ao's dynamic quantized Linear (fbgemm on x86, qnnpack on Arm; per-tensor scales).
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 import warnings
 
@@ -13,8 +19,10 @@ import torch
 from torch import nn
 
 from .decoder import FastLinear, MusicgenDecoder
+from .int8_kernel import Int8Linear, int8_kernel_failure, load_int8_kernel
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int8-fbgemm")
+log = logging.getLogger(__name__)
 
 
 def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
@@ -25,22 +33,42 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
         raise ValueError("int8 quantization runs on the CPU; on a GPU use --dtype bfloat16 or float16")
     if decoder.layer_norm.weight.dtype != torch.float32:
         raise ValueError("int8 quantization starts from float32 weights (load with dtype float32)")
+    targets = [(name, module) for name, module in decoder.named_modules() if isinstance(module, FastLinear)]
+    kernel = load_int8_kernel() if scheme == "int8" else None
+    if scheme == "int8" and kernel is None:
+        log.warning("int8: our kernel is unavailable (%s); using fbgemm", int8_kernel_failure())
+    if kernel is not None:
+        for name, module in targets:
+            _replace(decoder, name, Int8Linear(module.weight, kernel))
+        return
     engine = "qnnpack" if platform.machine().lower() in ("arm64", "aarch64") else "fbgemm"
     torch.backends.quantized.engine = engine
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
     from torch.ao.quantization import default_dynamic_qconfig
 
-    targets = [(name, module) for name, module in decoder.named_modules() if isinstance(module, FastLinear)]
     with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moves to torchao
         warnings.simplefilter("ignore")
         for name, module in targets:
             plain = nn.Linear(module.in_features, module.out_features, bias=False)
             plain.weight = module.weight
             plain.qconfig = default_dynamic_qconfig  # per-tensor int8 weights, dynamic int8 activations
-            parent_name, _, child = name.rpartition(".")
-            setattr(decoder.get_submodule(parent_name) if parent_name else decoder, child,
-                    DynamicInt8Linear.from_float(plain))
+            _replace(decoder, name, DynamicInt8Linear.from_float(plain))
+
+
+def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, replacement)
+
+
+def quantization_backend(module: nn.Module) -> str | None:
+    """'int8-vnni' (our kernel), 'int8-fbgemm' (torch.ao; qnnpack on Arm) or None for float weights."""
+    kinds = {type(m) for m in module.modules()}
+    if Int8Linear in kinds:
+        return "int8-vnni"
+    if any(kind.__module__.startswith("torch.ao.nn.quantized") for kind in kinds):
+        return "int8-fbgemm"
+    return None
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+    return quantization_backend(module) is not None

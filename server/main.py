@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from musicgen.v1 import musicgen_pb2 as pb
 from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from musicgen_core import CheckpointError, MusicGen
+from musicgen_core.quantize import QUANTIZATIONS
 
 from .engine import Engine, EngineConfig
 from .service import MusicGenService
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (CPU)")
+    parser.add_argument("--quantize", choices=list(QUANTIZATIONS), help="int8 decoder weights (CPU): int8 = our VNNI kernel where the CPU has it, else fbgemm")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")

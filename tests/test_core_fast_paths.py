@@ -41,8 +41,9 @@ def reference(mono_checkpoint):
     return model, codes, teacher_forced_guided_logits(model, TEXT, codes)
 
 
-@pytest.mark.parametrize("options,least_agreement", [({"quantize": "int8"}, 0.9), ({"dtype": torch.bfloat16}, 0.9)],
-                         ids=["int8", "bfloat16"])
+@pytest.mark.parametrize("options,least_agreement",
+                         [({"quantize": "int8"}, 0.9), ({"quantize": "int8-fbgemm"}, 0.9), ({"dtype": torch.bfloat16}, 0.9)],
+                         ids=["int8", "int8-fbgemm", "bfloat16"])
 def test_fast_path_agrees_with_fp32_teacher_forced(mono_checkpoint, reference, options, least_agreement):
     _, codes, reference_logits = reference
     fast = MusicGen.from_pretrained(mono_checkpoint, **options)

@@ -1,0 +1,124 @@
+// Int8 x int8 matrix-vector products for the decoder's few-row steps (AVX-512 VNNI).
+//
+// A decoder step multiplies a handful of rows (2 per session with guidance) by every weight matrix once, so it
+// is bound by reading the weights. This kernel streams each int8 weight once and reuses it for up to 8 rows
+// held in registers, with one vpdpbusd per 64 weight bytes and row. Rows are quantized per row on entry.
+//
+// Math (exact in int32, then one float scale per row and per output):
+//   xq[m, i] = round(x[m, i] / sx[m]) + 128   (uint8; sx[m] = max_i |x[m, i]| / 127, or 1 for a zero row)
+//   y[m, o]  = (sum_i xq[m, i] * w[o, i] - 128 * sum_i w[o, i]) * scale[o] * sx[m]
+// Layout: packed[o / 16][i / 4][o % 16][i % 4] (int8), the order vpdpbusd reads; out padded to 16, in to 8.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define MUSICGEN_HAVE_VNNI 1
+#endif
+
+namespace {
+
+bool supported() {
+#ifdef MUSICGEN_HAVE_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Quantize rows of x (rows, in) into xq (rows, in_padded), zero-padded (128 = quantized 0); returns sx.
+void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, uint8_t* xq, float* sx) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* row = x + m * in;
+    float peak = 0.f;
+    for (int64_t i = 0; i < in; ++i) peak = std::max(peak, std::fabs(row[i]));
+    const float scale = peak > 0.f ? peak / 127.f : 1.f;
+    const float inverse = 1.f / scale;
+    uint8_t* out = xq + m * in_padded;
+    for (int64_t i = 0; i < in; ++i) out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
+    for (int64_t i = in; i < in_padded; ++i) out[i] = 128;
+    sx[m] = scale;
+  }
+}
+
+#ifdef MUSICGEN_HAVE_VNNI
+// Output block b (16 outputs) for M rows starting at xq.
+template <int M>
+void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const int32_t* rowsum,
+                const float* scale, float* y, int64_t in_padded, int64_t out, int64_t b) {
+  {
+    const int8_t* block = packed + b * in_padded * 16;
+    __m512i acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < in_padded; i += 8) {  // two independent chains hide vpdpbusd's latency
+      const __m512i w0 = _mm512_loadu_si512(block + i * 16);
+      const __m512i w1 = _mm512_loadu_si512(block + i * 16 + 64);
+      for (int m = 0; m < M; ++m) {
+        int32_t x0, x1;
+        std::memcpy(&x0, xq + m * in_padded + i, 4);
+        std::memcpy(&x1, xq + m * in_padded + i + 4, 4);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], _mm512_set1_epi32(x0), w0);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], _mm512_set1_epi32(x1), w1);
+      }
+    }
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + b * 16), 7);  // 128 * rowsum
+    const __m512 weight_scale = _mm512_loadu_ps(scale + b * 16);
+    const int64_t valid = std::min<int64_t>(16, out - b * 16);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    for (int m = 0; m < M; ++m) {
+      const __m512i total = _mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), offset);
+      const __m512 value = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(total), weight_scale),
+                                         _mm512_set1_ps(sx[m]));
+      _mm512_mask_storeu_ps(y + m * out + b * 16, mask, value);
+    }
+  }
+}
+#endif
+
+// x: (..., in) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale, int64_t out) {
+  TORCH_CHECK(supported(), "int8 kernel built without AVX-512 VNNI");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8 linear takes float32 input");
+  const int64_t blocks = packed.size(0), in_padded = packed.size(1) * 4;
+  const int64_t in = x.size(-1);
+  TORCH_CHECK(in <= in_padded && in_padded - in < 8, "input width ", in, " does not match the packed weight");
+  auto flat = x.reshape({-1, in}).contiguous();
+  const int64_t rows = flat.size(0);
+  auto xq = torch::empty({rows, in_padded}, flat.options().dtype(torch::kUInt8));
+  auto sx = torch::empty({rows}, flat.options());
+  quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  auto y = torch::empty({rows, out}, flat.options());
+#ifdef MUSICGEN_HAVE_VNNI
+  const uint8_t* q = xq.data_ptr<uint8_t>();
+  const float* s = sx.data_ptr<float>();
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const int32_t* r = rowsum.data_ptr<int32_t>();
+  const float* ws = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t m = 0;  // groups of up to 8 rows share each weight load; the block stays in L1 across groups
+      for (; m + 8 <= rows; m += 8) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
+      for (; m + 4 <= rows; m += 4) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
+      for (; m + 2 <= rows; m += 2) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
+      for (; m < rows; ++m) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
+    }
+  });
+#endif
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.view(shape);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported", &supported, "whether this build has the AVX-512 VNNI kernel");
+  m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations");
+}

@@ -1,0 +1,115 @@
+"""Our int8 kernel: its arithmetic is specified by `reference_linear`, and it must match it bit for bit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from musicgen_core import MusicGen
+from musicgen_core import int8_kernel, quantize
+from musicgen_core.int8_kernel import (REQUIRED_CPU_FLAGS, Int8Linear, load_int8_kernel, quantize_weight,
+                                       reference_linear)
+from musicgen_core.quantize import quantization_backend
+
+CPU_HAS_VNNI = all(flag in int8_kernel._cpu_flags() for flag in REQUIRED_CPU_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = load_int8_kernel()
+    if module is None and not CPU_HAS_VNNI:
+        pytest.skip(f"no AVX-512 VNNI on this CPU: {int8_kernel.int8_kernel_failure()}")
+    return module
+
+
+def test_kernel_is_built_exactly_when_the_cpu_has_vnni():
+    module = load_int8_kernel()
+    if CPU_HAS_VNNI:
+        assert module is not None and module.supported(), int8_kernel.int8_kernel_failure()
+    else:
+        assert module is None and "lacks" in int8_kernel.int8_kernel_failure()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
+@pytest.mark.parametrize("out_features,in_features", [(64, 32), (37, 29), (2048, 1024), (96, 4100)])
+def test_kernel_equals_the_reference_arithmetic(kernel, rows, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(rows, 1, in_features, generator=generator) * 5
+    values, scale = quantize_weight(weight)
+    got = Int8Linear(weight, kernel)(x)
+    assert got.shape == (rows, 1, out_features)
+    assert torch.equal(got, reference_linear(x, values, scale))
+
+
+def test_kernel_handles_zero_rows_and_non_contiguous_input(kernel):
+    weight = torch.randn(48, 40)
+    x = torch.randn(40, 3).T.clone()[:, None]  # contiguous copy of a transposed matrix
+    x[1] = 0
+    strided = torch.randn(3, 1, 80)[..., ::2]
+    layer = Int8Linear(weight, kernel)
+    values, scale = quantize_weight(weight)
+    assert torch.equal(layer(x), reference_linear(x, values, scale))
+    assert torch.equal(layer(x)[1], torch.zeros(1, 48))
+    assert torch.equal(layer(strided), reference_linear(strided, values, scale))
+
+
+def test_weights_are_quantized_per_output_channel():
+    weight = torch.randn(16, 64) * torch.logspace(-3, 1, 16)[:, None]  # rows four decades apart
+    values, scale = quantize_weight(weight)
+    assert torch.equal(values.abs().amax(dim=1), torch.full((16,), 127, dtype=torch.int8))
+    assert ((values.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_quantized_linear_is_close_to_float(kernel):
+    weight, x = torch.randn(1024, 1024) * 0.02, torch.randn(2, 1, 1024)
+    exact = x @ weight.T
+    error = (Int8Linear(weight, kernel)(x) - exact).norm() / exact.norm()
+    assert error < 0.02
+
+
+def test_int8_decoder_is_the_reference_arithmetic_end_to_end(mono_checkpoint, kernel):
+    """Swapping every kernel call for `reference_linear` leaves the int8 model's logits bit-identical."""
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    assert quantization_backend(model.decoder) == "int8-vnni"
+    params = model.default_sampling(greedy=True)
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    states = [model.start_sequence(conditioning, params, total_frames=12) for _ in range(2)]
+    for _ in range(5):
+        model.step(states[:1])
+        model.step(states[1:])
+    columns = states[0].pending_columns()
+    with torch.inference_mode():
+        fast = model.decoder([columns], [states[0].cache], [states[0].cross])[0]
+
+        class Reference(torch.nn.Module):
+            def __init__(self, layer: Int8Linear):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, x):
+                values = self.layer.packed.permute(0, 2, 1, 3).reshape(self.layer.packed.shape[0] * 16, -1)
+                values = values[: self.layer.out_features, : self.layer.in_features]
+                return reference_linear(x, values, self.layer.scale[: self.layer.out_features])
+
+        for name, module in list(model.decoder.named_modules()):
+            if isinstance(module, Int8Linear):
+                quantize._replace(model.decoder, name, Reference(module))
+        slow = model.decoder([columns], [states[1].cache], [states[1].cross])[0]
+    assert torch.equal(fast, slow)
+
+
+def test_int8_falls_back_to_fbgemm_when_the_kernel_is_unavailable(mono_checkpoint, monkeypatch, caplog):
+    monkeypatch.setattr(quantize, "load_int8_kernel", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    assert quantization_backend(model.decoder) == "int8-fbgemm"
+    assert "using fbgemm" in caplog.text
+
+
+def test_int8_fbgemm_can_be_chosen_explicitly(mono_checkpoint):
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8-fbgemm")
+    assert quantization_backend(model.decoder) == "int8-fbgemm"
+    assert model.generate("warm lofi beat", frames=6).codes.shape == (1, 4, 6)
