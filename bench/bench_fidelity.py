@@ -62,7 +62,9 @@ def main() -> None:
     params = reference.default_sampling(greedy=True, guidance_scale=3.0)
     generated = reference.generate(PROMPTS, frames=args.frames, params=params)
     ref_logits = [teacher_forced_guided_logits(reference, t, generated.codes[i]) for i, t in enumerate(PROMPTS)]
-    paths = {"bfloat16": dict(dtype=torch.bfloat16), "int8": dict(quantize="int8")}
+    paths = {"bfloat16": dict(dtype=torch.bfloat16), "kv-bf16": dict(kv_dtype=torch.bfloat16),
+             "int8": dict(quantize="int8", kv_dtype=torch.float32), "int8+kv-bf16": dict(quantize="int8"),
+             "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32)}
     print(f"{'path':10s} {'top-1 agreement':>16s} {'KL (nats)':>10s} {'free-running SNR (dB)':>22s}")
     for name, options in paths.items():
         fast = MusicGen.from_pretrained(args.model, **options)

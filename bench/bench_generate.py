@@ -22,21 +22,29 @@ import time
 
 import torch
 
+from server.engine import call_in_fresh_thread as fresh
+
 PROMPT = "warm lofi beat with soft piano"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_ours(args):
     from musicgen_core import MusicGen
-    return MusicGen.from_pretrained(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize)
+    return MusicGen.from_pretrained(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize,
+                                    kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
 
 
-def our_step_times(model, steps: int, sessions: int = 1) -> list[float]:
-    """Seconds per batched step of `sessions` sequences (prefill excluded)."""
+def our_step_times(model, steps: int, sessions: int = 1, context_frames: int = 0) -> list[float]:
+    """Seconds per batched step of `sessions` sequences (prefill excluded), after `context_frames` frames of
+    (random) audio-prompt context: attention reads the whole cache, so a step costs more later in a session."""
     params = model.default_sampling(greedy=True, guidance_scale=3.0)
     conditioning = model.encode_text([PROMPT])[0]
-    states = [model.start_sequence(conditioning, params, total_frames=steps + 8) for _ in range(sessions)]
-    model.step(states)  # prefill column 0
+    codebooks = model.config.decoder.num_codebooks
+    context = torch.randint(0, model.config.decoder.vocab_size, (codebooks, context_frames),
+                            generator=torch.Generator().manual_seed(0)) if context_frames else None
+    states = [model.start_sequence(conditioning, params, context, total_frames=context_frames + steps + 8)
+              for _ in range(sessions)]
+    model.step(states)  # prefill column 0 (and the context)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
@@ -140,11 +148,15 @@ def parse(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--quantize", choices=["int8", "int8-fbgemm"], default=None)
+    parser.add_argument("--kv-dtype", choices=sorted(DTYPES), default=None,
+                        help="self-attention cache dtype (default: the weights'; bfloat16 with --quantize)")
     parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
     parser.add_argument("--engine-sessions", type=int, default=0,
                         help="also run this many concurrent 10 s sessions through the server's engine")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--at-seconds", default="",
+                        help="comma-separated session positions (s) at which to time steps too, e.g. 10,28")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser.parse_args(argv)
 
@@ -152,32 +164,38 @@ def parse(argv=None):
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
-    ours = load_ours(args)
-    theirs = None if args.no_transformers else load_transformers(args)
+    # Every measurement runs on a thread that ends (call_in_fresh_thread): an OpenMP pool left on this thread
+    # would slow the engine's own thread, as in a server that loaded its model on a living thread.
+    ours = fresh(load_ours, args)
+    theirs = None if args.no_transformers else fresh(load_transformers, args)
     our_times, their_times = [], []
     for _ in range(args.rounds):  # alternate so both see the same machine state
-        our_times += our_step_times(ours, args.steps)
+        our_times += fresh(our_step_times, ours, args.steps)
         if theirs is not None:
-            their_times += transformers_step_times(*theirs, args.steps)
+            their_times += fresh(transformers_step_times, *theirs, args.steps)
     ours_ms = 1000 * statistics.median(our_times)
-    result = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
-              "ours_ms_per_step": round(ours_ms, 2), "ours_rtf": round(20.0 / ours_ms, 3)}
+    result = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "kv_dtype": args.kv_dtype,
+              "threads": args.threads, "ours_ms_per_step": round(ours_ms, 2), "ours_rtf": round(20.0 / ours_ms, 3)}
+    for seconds in [float(s) for s in args.at_seconds.split(",") if s]:
+        frames = round(seconds * ours.config.frame_rate)
+        late = 1000 * statistics.median(fresh(our_step_times, ours, max(10, args.steps // 2), context_frames=frames))
+        result[f"ours_ms_per_step_at_{seconds:g}s"] = round(late, 2)
     if theirs is not None:
         their_ms = 1000 * statistics.median(their_times)
         result.update(transformers_ms_per_step=round(their_ms, 2), transformers_rtf=round(20.0 / their_ms, 3),
                       speedup=round(their_ms / ours_ms, 2))
-    first_audio = time_to_first_audio(ours)
+    first_audio = fresh(time_to_first_audio, ours)
     result["time_to_first_audio_ms_cold"] = round(1000 * first_audio[0], 1)
     result["time_to_first_audio_ms"] = round(1000 * statistics.median(first_audio[1:]), 1)
     sweep = {}
     for count in [int(c) for c in args.sessions.split(",") if c]:
-        ms = 1000 * statistics.median(our_step_times(ours, max(10, args.steps // 2), sessions=count))
+        ms = 1000 * statistics.median(fresh(our_step_times, ours, max(10, args.steps // 2), sessions=count))
         sweep[count] = {"ms_per_step": round(ms, 2), "frames_per_s": round(1000 * count / ms, 1),
                         "per_session_rtf": round(20.0 / ms, 3)}
     result["sessions"] = sweep
     if args.engine_sessions:
         result["engine_sessions"] = args.engine_sessions
-        result["engine_per_session_rtf"] = round(engine_realtime(ours, args.engine_sessions), 3)
+        result["engine_per_session_rtf"] = round(fresh(engine_realtime, ours, args.engine_sessions), 3)
     cache = ours.decoder.allocate_cache(rows=2, capacity=50)
     result["kv_bytes_per_session_second"] = cache.nbytes
     if not args.no_rss:

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codes-out", type=Path, help="new frames as int64 .npy, shape (codebooks, frames)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
+                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize)")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="int8 decoder weights (CPU): ~4x less to read per step; int8 = our VNNI kernel where "
                              "the CPU has it, else fbgemm")
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     model = MusicGen.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
-                                     quantize=args.quantize)
+                                     quantize=args.quantize,
+                                     kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     load_seconds = time.perf_counter() - wall_start
     if args.model == "demo":
         print("musicgen-generate: using the built-in demo model (random weights): the output is noise",

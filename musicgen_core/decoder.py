@@ -145,6 +145,7 @@ class MusicgenDecoder(nn.Module):
             [FastLinear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_codebooks)])
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
+        self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
 
     def fuse_projections(self) -> None:
         """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv)."""
@@ -170,7 +171,7 @@ class MusicgenDecoder(nn.Module):
                              f"{self.config.max_position_embeddings} positions")
         weight = self.layer_norm.weight  # the norms stay float even when the linear layers are int8
         return KVCache.allocate(self.config.num_hidden_layers, rows, self.config.num_attention_heads,
-                                self.config.head_dim, capacity, weight.dtype, weight.device, zeroed)
+                                self.config.head_dim, capacity, self.kv_dtype or weight.dtype, weight.device, zeroed)
 
     def cross_attention_kv(self, hidden: torch.Tensor, mask: torch.Tensor) -> CrossAttentionKV:
         """Keys/values of the conditioning for every layer. hidden: (rows, text_len, width), already projected
@@ -266,8 +267,9 @@ class MusicgenDecoder(nn.Module):
                 visible = torch.ones(time, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 mask = visible
             outputs.append(F.scaled_dot_product_attention(
-                q[rows], cache.keys[index, :, :, :end], cache.values[index, :, :, :end], attn_mask=mask))
-        x = x + self._merge(attn, torch.cat(outputs))
+                q[rows].to(cache.keys.dtype), cache.keys[index, :, :, :end], cache.values[index, :, :, :end],
+                attn_mask=mask))
+        x = x + self._merge(attn, torch.cat(outputs).to(x.dtype))
 
         cross = layer.encoder_attn
         h = layer.encoder_attn_layer_norm(x)
@@ -286,10 +288,11 @@ class MusicgenDecoder(nn.Module):
         """Write k, v (rows, heads, 1, head_dim) at position `length` (a 1-element device tensor) and attend
         over the full capacity, masking positions past it."""
         keys, values = cache.keys[index], cache.values[index]
-        keys.index_copy_(2, length, k)
-        values.index_copy_(2, length, v)
+        keys.index_copy_(2, length, k.to(keys.dtype))
+        values.index_copy_(2, length, v.to(values.dtype))
         visible = torch.arange(cache.capacity, device=q.device) <= length
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None, None, None, :])
+        return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values,
+                                              attn_mask=visible[None, None, None, :]).to(q.dtype)
 
     @staticmethod
     def _merge(attn: Attention, heads: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from musicgen_core import CheckpointError, MusicGen
 from musicgen_core.quantize import QUANTIZATIONS
 
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, call_in_fresh_thread
 from .service import MusicGenService
 
 log = logging.getLogger("musicgen.server")
@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--quantize", choices=list(QUANTIZATIONS), help="int8 decoder weights (CPU): int8 = our VNNI kernel where the CPU has it, else fbgemm")
+    parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
+                        help="int8 decoder weights (CPU): int8 = our VNNI kernel where the CPU has it, else fbgemm")
+    parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
+                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")
@@ -137,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    model = await asyncio.to_thread(MusicGen.from_pretrained, args.model, args.device, DTYPES[args.dtype],
-                                    args.quantize)
+    # Loaded on a thread that ends (see call_in_fresh_thread): only the engine's thread keeps an OpenMP pool.
+    model = await asyncio.to_thread(call_in_fresh_thread, MusicGen.from_pretrained, args.model, args.device,
+                                    DTYPES[args.dtype], args.quantize,
+                                    kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
     engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, window_frames=args.context_frames,

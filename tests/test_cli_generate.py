@@ -94,3 +94,17 @@ def test_cli_bad_input_exits_2_with_the_reason(mono_checkpoint, tmp_path, args, 
 def test_cli_missing_checkpoint_exits_2(tmp_path):
     result = run_cli("--model", str(tmp_path / "absent"), "--out", str(tmp_path / "x.wav"))
     assert result.returncode == 2 and "not a checkpoint directory" in result.stderr
+
+
+def test_cli_int8_with_an_explicit_cache_dtype_equals_the_core_api(mono_checkpoint, tmp_path):
+    import torch
+
+    from musicgen_core import MusicGen
+
+    result = run_cli("--model", str(mono_checkpoint), "--prompt", PROMPT, "--frames", "8", "--greedy",
+                     "--quantize", "int8", "--kv-dtype", "float32", "--out", str(tmp_path / "a.wav"),
+                     "--codes-out", str(tmp_path / "a.npy"))
+    assert result.returncode == 0, result.stderr
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.float32)
+    expected = model.generate(PROMPT, frames=8, params=model.default_sampling(greedy=True)).codes[0]
+    assert np.array_equal(np.load(tmp_path / "a.npy"), expected.numpy())

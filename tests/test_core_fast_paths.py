@@ -42,8 +42,9 @@ def reference(mono_checkpoint):
 
 
 @pytest.mark.parametrize("options,least_agreement",
-                         [({"quantize": "int8"}, 0.9), ({"quantize": "int8-fbgemm"}, 0.9), ({"dtype": torch.bfloat16}, 0.9)],
-                         ids=["int8", "int8-fbgemm", "bfloat16"])
+                         [({"quantize": "int8"}, 0.9), ({"quantize": "int8-fbgemm"}, 0.9),
+                          ({"dtype": torch.bfloat16}, 0.9), ({"kv_dtype": torch.bfloat16}, 0.95)],
+                         ids=["int8", "int8-fbgemm", "bfloat16", "kv-bfloat16"])
 def test_fast_path_agrees_with_fp32_teacher_forced(mono_checkpoint, reference, options, least_agreement):
     _, codes, reference_logits = reference
     fast = MusicGen.from_pretrained(mono_checkpoint, **options)
@@ -103,3 +104,33 @@ def test_cpu_caches_skip_the_zero_fill_and_still_generate_the_same_codes(mono_ch
     clean.cache = model.decoder.allocate_cache(clean.cache.rows, clean.cache.capacity, zeroed=True)
     while not clean.finished:
         assert torch.equal(model.step([dirty])[0].column, model.step([clean])[0].column)
+
+
+def test_kv_cache_dtype_defaults_to_the_weights_and_to_bfloat16_with_int8(mono_checkpoint):
+    assert MusicGen.from_pretrained(mono_checkpoint).decoder.allocate_cache(2, 8).keys.dtype == torch.float32
+    int8 = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    assert int8.decoder.allocate_cache(2, 8).keys.dtype == torch.bfloat16
+    exact_cache = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.float32)
+    assert exact_cache.decoder.allocate_cache(2, 8).keys.dtype == torch.float32
+
+
+def test_kv_cache_dtype_must_be_a_float_type(mono_checkpoint):
+    with pytest.raises(ValueError, match="kv_dtype"):
+        MusicGen.from_pretrained(mono_checkpoint, kv_dtype=torch.int8)
+
+
+def test_bfloat16_kv_cache_runs_the_static_step_too(mono_checkpoint):
+    """The fixed-shape step casts into and out of a bfloat16 cache the way the eager step does."""
+    model = MusicGen.from_pretrained(mono_checkpoint, kv_dtype=torch.bfloat16)
+    params = model.default_sampling(greedy=True)
+    conditioning = model.encode_text([TEXT])[0]
+    eager, static = (model.start_sequence(conditioning, params, total_frames=12) for _ in range(2))
+    static.cache = model.decoder.allocate_cache(static.cache.rows, static.cache.capacity, zeroed=True)
+    for _ in range(4):
+        model.step([eager])
+        model.step([static])
+    with torch.inference_mode():
+        expected = model.decoder([eager.pending_columns()], [eager.cache], [eager.cross])[0]
+        got = model.decoder.forward_static(static.pending_columns()[None], torch.tensor([static.cache.length]),
+                                           [static.cache], [static.cross])
+    assert (got - expected).abs().max() < 1e-2

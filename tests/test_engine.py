@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from musicgen_core import MusicGen
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, call_in_fresh_thread
 from server.events import (Finished, FinishReason, Notice, NoticeKind, ServerClosingError, SessionSpec, Started)
 
 
@@ -67,3 +69,22 @@ def test_sessions_beyond_max_batch_take_turns(model):
         engine._turn()
     steps = sorted(s.stats.steps for s in engine._sessions.values())
     assert steps == [4, 4, 4]
+
+
+def test_call_in_fresh_thread_returns_from_a_thread_that_has_ended():
+    seen = []
+
+    def work(a, b=0):
+        seen.append(threading.current_thread())
+        return a + b
+
+    assert call_in_fresh_thread(work, 2, b=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def test_call_in_fresh_thread_raises_the_callers_error():
+    def fail():
+        raise FileNotFoundError("no checkpoint")
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        call_in_fresh_thread(fail)
