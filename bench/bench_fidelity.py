@@ -65,14 +65,14 @@ def main() -> None:
     paths = {"bfloat16": dict(dtype=torch.bfloat16), "kv-bf16": dict(kv_dtype=torch.bfloat16),
              "int8": dict(quantize="int8", kv_dtype=torch.float32), "int8+kv-bf16": dict(quantize="int8"),
              "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32)}
-    print(f"{'path':10s} {'top-1 agreement':>16s} {'KL (nats)':>10s} {'free-running SNR (dB)':>22s}")
+    print(f"{'path':13s} {'top-1 agreement':>16s} {'KL (nats)':>10s} {'free-running SNR (dB)':>22s}")
     for name, options in paths.items():
         fast = MusicGen.from_pretrained(args.model, **options)
         agree, kl = zip(*[compare(ref_logits[i], teacher_forced_guided_logits(fast, t, generated.codes[i]))
                           for i, t in enumerate(PROMPTS)])
         free = fast.generate(PROMPTS, frames=args.frames, params=params)
         snr = sum(snr_db(generated.audio[i], free.audio[i]) for i in range(len(PROMPTS))) / len(PROMPTS)
-        print(f"{name:10s} {100 * sum(agree) / len(agree):15.2f}% {sum(kl) / len(kl):10.4f} {snr:22.1f}")
+        print(f"{name:13s} {100 * sum(agree) / len(agree):15.2f}% {sum(kl) / len(kl):10.4f} {snr:22.1f}")
 
 
 if __name__ == "__main__":

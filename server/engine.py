@@ -22,7 +22,7 @@ from musicgen_core import MusicGen, SamplingParams
 
 from .events import (Event, Finished, FinishReason, OrderError, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
-from .session import Limits, Session
+from .session import Limits, Session, TextEncodings
 
 log = logging.getLogger("musicgen.engine")
 
@@ -118,6 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counter = itertools.count(1)
         self.steps = 0
+        self.text_encodings = TextEncodings(model)  # shared by the sessions, used on the scheduler thread only
 
     @staticmethod
     def _limits(model: MusicGen, config: EngineConfig) -> Limits:
@@ -181,7 +182,7 @@ class Engine:
                 raise SessionLimitError(f"server is at its limit of {self.config.max_sessions} sessions; "
                                         "try again when one ends")
             session_id = f"{next(self._counter):06d}-{uuid.uuid4().hex[:8]}"
-            session = Session(session_id, spec, self.model, self.session_limits(spec), sink)
+            session = Session(session_id, spec, self.model, self.session_limits(spec), sink, self.text_encodings)
             self._joining.append(session)
         self._wake.set()
         return SessionHandle(self, session)

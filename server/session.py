@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from musicgen_core import MusicGen, SamplingParams, SequenceState
+from musicgen_core import MusicGen, SamplingParams, SequenceState, TextConditioning
 from musicgen_core.streaming_codec import (algorithmic_latency, decode_step, flush, init_decoder_state,
                                            split_channels)
 
@@ -84,12 +85,33 @@ class AudioOut:
         return np.ascontiguousarray(out.T, dtype=np.float32)
 
 
+class TextEncodings:
+    """The text encoder's output per prompt text, the most recently used `capacity` kept. The encoder is a pure
+    function of the text, so a hit is exact; it spares a musicgen-small session ~45 ms of CPU time each time a
+    prompt comes back (a new session, a set-prompt back to an earlier text, every re-prime). Engine thread only."""
+
+    def __init__(self, model: MusicGen, capacity: int = 64):
+        self.model, self.capacity = model, capacity
+        self._entries: OrderedDict[str, TextConditioning] = OrderedDict()
+
+    def __call__(self, text: str) -> TextConditioning:
+        if text in self._entries:
+            self._entries.move_to_end(text)
+            return self._entries[text]
+        conditioning = self.model.encode_text([text])[0]
+        self._entries[text] = conditioning
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return conditioning
+
+
 class Session:
     def __init__(self, session_id: str, spec: SessionSpec, model: MusicGen, limits: Limits,
-                 sink: Callable[[Event], None]):
+                 sink: Callable[[Event], None], encode_text: Callable[[str], TextConditioning] | None = None):
         self.id = session_id
         self.spec = spec
         self.model = model
+        self.encode_text = encode_text or (lambda text: model.encode_text([text])[0])
         self.limits = limits
         self.sink = sink
         self.params: SamplingParams = spec.params
@@ -157,7 +179,7 @@ class Session:
                 total = prompt_frames + remaining
         capacity = (total if total is not None else self.limits.window_frames) + 1 + \
             self.model.config.decoder.max_delay
-        conditioning = self.model.encode_text([self.text])[0]
+        conditioning = self.encode_text(self.text)
         self.state = self.model.start_sequence(conditioning, self.params, prompt_codes, total_frames=total,
                                                capacity=capacity)
         if self.generator is None:
@@ -279,7 +301,7 @@ class Session:
             self.state.params = params
         if text is not None:
             self.text = text
-            conditioning = self.model.encode_text([self.text])[0]
+            conditioning = self.encode_text(self.text)
             self.state.cross = self.model.cross_attention(conditioning, self.params.uses_guidance)
         grid = self.state.grid
         first_affected = self.frame_offset + max(grid.prompt_frames, grid.next_column - 1 - max(grid.delays))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from musicgen_core import MusicGen
 from server.engine import Engine, EngineConfig, call_in_fresh_thread
@@ -88,3 +89,30 @@ def test_call_in_fresh_thread_raises_the_callers_error():
 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         call_in_fresh_thread(fail)
+
+
+def test_text_encodings_are_reused_exactly_and_bounded(model, monkeypatch):
+    from server.session import TextEncodings
+
+    calls = []
+    original = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda texts: calls.append(texts) or original(texts))
+    encodings = TextEncodings(model, capacity=2)
+    first = encodings("warm lofi beat")
+    assert encodings("warm lofi beat") is first and len(calls) == 1
+    assert torch.equal(first.hidden, original(["warm lofi beat"])[0].hidden)
+    encodings("dark techno")
+    encodings("ambient pad")  # evicts the least recently used: "warm lofi beat"
+    encodings("warm lofi beat")
+    assert len(calls) == 4
+
+
+def test_sessions_with_the_same_prompt_share_one_text_encoding(model, monkeypatch):
+    calls = []
+    original = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda texts: calls.append(texts) or original(texts))
+    engine = Engine(model)
+    for _ in range(3):
+        engine.open_session(spec(model), lambda event: None)
+    engine._admit()
+    assert calls == [["warm lofi beat"]]
