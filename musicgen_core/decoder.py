@@ -301,7 +301,10 @@ class MusicgenDecoder(nn.Module):
         x = x + self._merge(cross, _join(outputs))
 
         h = layer.final_layer_norm(x)
-        return x + layer.fc2(F.gelu(layer.fc1(h)))
+        hidden = layer.fc1(h)
+        if not getattr(layer.fc1, "applies_gelu", False):  # int8 kernel layers may apply it themselves
+            hidden = F.gelu(hidden)
+        return x + layer.fc2(hidden)
 
     @staticmethod
     def _static_attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,

@@ -38,8 +38,8 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
     if scheme == "int8" and kernel is None:
         log.warning("int8: our kernel is unavailable (%s); using fbgemm", int8_kernel_failure())
     if kernel is not None:
-        for name, module in targets:
-            _replace(decoder, name, Int8Linear(module.weight, kernel))
+        for name, module in targets:  # each layer's fc1 is followed by GELU: the kernel applies it
+            _replace(decoder, name, Int8Linear(module.weight, kernel, applies_gelu=name.endswith(".fc1")))
         return
     engine = "qnnpack" if platform.machine().lower() in ("arm64", "aarch64") else "fbgemm"
     torch.backends.quantized.engine = engine

@@ -44,6 +44,18 @@ def test_kernel_equals_the_reference_arithmetic(kernel, rows, out_features, in_f
     assert torch.equal(got, reference_linear(x, values, scale))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_kernel_gelu_equals_the_reference_then_torch_gelu(kernel, rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(80, 72, generator=generator), torch.randn(rows, 1, 72, generator=generator)
+    values, scale = quantize_weight(weight)
+    linear = reference_linear(x, values, scale)
+    expected = torch.nn.functional.gelu(linear)
+    got = Int8Linear(weight, kernel, applies_gelu=True)(x)
+    assert linear.abs().max() > 4  # the tails, where erf saturates, are covered too
+    assert (got - expected).abs().max() <= 1e-6 * max(1.0, linear.abs().max().item())
+
+
 def test_kernel_handles_zero_rows_and_non_contiguous_input(kernel):
     weight = torch.randn(48, 40)
     x = torch.randn(40, 3).T.clone()[:, None]  # contiguous copy of a transposed matrix
@@ -71,9 +83,15 @@ def test_quantized_linear_is_close_to_float(kernel):
 
 
 def test_int8_decoder_is_the_reference_arithmetic_end_to_end(mono_checkpoint, kernel):
-    """Swapping every kernel call for `reference_linear` leaves the int8 model's logits bit-identical."""
+    """Swapping every kernel call for `reference_linear` leaves the int8 model's logits bit-identical. (With
+    GELU left to torch: the kernel's own GELU differs by ~1e-7, which the next layer's activation rounding
+    can turn into a different int8 value, so that path is held to torch's GELU on its own, above.)"""
     model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
     assert quantization_backend(model.decoder) == "int8-vnni"
+    fc1s = [m for m in model.decoder.modules() if isinstance(m, Int8Linear) and m.applies_gelu]
+    assert len(fc1s) == model.config.decoder.num_hidden_layers  # by default each fc1 applies GELU itself
+    for layer in fc1s:
+        layer.applies_gelu = False
     params = model.default_sampling(greedy=True)
     conditioning = model.encode_text(["warm lofi beat"])[0]
     states = [model.start_sequence(conditioning, params, total_frames=12) for _ in range(2)]

@@ -33,30 +33,72 @@ bool supported() {
 }
 
 // Quantize rows of x (rows, in) into xq (rows, in_padded), zero-padded (128 = quantized 0); returns sx.
+// Vectorized where AVX-512 is on; both paths round half to even, as torch.round does.
 void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, uint8_t* xq, float* sx) {
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * in;
+    uint8_t* out = xq + m * in_padded;
+    int64_t i = 0;
     float peak = 0.f;
-    for (int64_t i = 0; i < in; ++i) peak = std::max(peak, std::fabs(row[i]));
+#ifdef MUSICGEN_HAVE_VNNI
+    __m512 peaks = _mm512_setzero_ps();
+    for (; i + 16 <= in; i += 16) peaks = _mm512_max_ps(peaks, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    peak = _mm512_reduce_max_ps(peaks);
+#endif
+    for (; i < in; ++i) peak = std::max(peak, std::fabs(row[i]));
     const float scale = peak > 0.f ? peak / 127.f : 1.f;
     const float inverse = 1.f / scale;
-    uint8_t* out = xq + m * in_padded;
-    for (int64_t i = 0; i < in; ++i) out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
-    for (int64_t i = in; i < in_padded; ++i) out[i] = 128;
+    i = 0;
+#ifdef MUSICGEN_HAVE_VNNI
+    const __m512 inverses = _mm512_set1_ps(inverse);
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (; i + 16 <= in; i += 16) {
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), inverses)), offset);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+    }
+#endif
+    for (; i < in; ++i) out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
+    for (i = in; i < in_padded; ++i) out[i] = 128;
     sx[m] = scale;
   }
 }
 
 #ifdef MUSICGEN_HAVE_VNNI
-// Output block b (16 outputs) for M rows starting at xq.
+// erf(x) for float: a rational approximation, odd numerator over even denominator in x^2 on [-4, 4] (beyond,
+// erf is +-1 in float); absolute error ~1e-7.
+inline __m512 erf_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.f)), _mm512_set1_ps(4.f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-1.60960333262415e-02f));
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.42647390514189e-02f));
+  return _mm512_div_ps(_mm512_mul_ps(x, p), q);
+}
+
+// GELU (the erf form): 0.5 x (1 + erf(x / sqrt 2)).
+inline __m512 gelu_ps(__m512 x) {
+  const __m512 e = erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.f)));
+}
+
+// Output block b (16 outputs) for M rows starting at xq; gelu: apply GELU to the outputs (fc1 of a decoder
+// layer), on the thread that computed them, so the next op does not pull them from the other core's cache.
 template <int M>
 void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const int32_t* rowsum,
-                const float* scale, float* y, int64_t in_padded, int64_t out, int64_t b) {
+                const float* scale, float* y, int64_t in_padded, int64_t out, int64_t b, bool gelu) {
   {
     const int8_t* block = packed + b * in_padded * 16;
     __m512i acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
     for (int64_t i = 0; i < in_padded; i += 8) {  // two independent chains hide vpdpbusd's latency
+      _mm_prefetch(reinterpret_cast<const char*>(block + i * 16) + 4096, _MM_HINT_T0);  // ahead of the streamer
       const __m512i w0 = _mm512_loadu_si512(block + i * 16);
       const __m512i w1 = _mm512_loadu_si512(block + i * 16 + 64);
       for (int m = 0; m < M; ++m) {
@@ -73,8 +115,8 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
     for (int m = 0; m < M; ++m) {
       const __m512i total = _mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), offset);
-      const __m512 value = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(total), weight_scale),
-                                         _mm512_set1_ps(sx[m]));
+      __m512 value = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(total), weight_scale), _mm512_set1_ps(sx[m]));
+      if (gelu) value = gelu_ps(value);
       _mm512_mask_storeu_ps(y + m * out + b * 16, mask, value);
     }
   }
@@ -82,7 +124,8 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
 #endif
 
 // x: (..., in) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale, int64_t out) {
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale, int64_t out,
+                     bool gelu) {
   TORCH_CHECK(supported(), "int8 kernel built without AVX-512 VNNI");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8 linear takes float32 input");
   const int64_t blocks = packed.size(0), in_padded = packed.size(1) * 4;
@@ -104,10 +147,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;  // groups of up to 8 rows share each weight load; the block stays in L1 across groups
-      for (; m + 8 <= rows; m += 8) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
-      for (; m + 4 <= rows; m += 4) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
-      for (; m + 2 <= rows; m += 2) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
-      for (; m < rows; ++m) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b);
+      for (; m + 8 <= rows; m += 8) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m + 4 <= rows; m += 4) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m + 2 <= rows; m += 2) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m < rows; ++m) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
     }
   });
 #endif
@@ -120,5 +163,5 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this build has the AVX-512 VNNI kernel");
-  m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations");
+  m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)");
 }
