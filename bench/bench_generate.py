@@ -73,17 +73,18 @@ def transformers_step_times(oracle, tokenizer, steps: int) -> list[float]:
 
 def time_to_first_audio(model, frames: int = 500, sessions: int = 3) -> list[float]:
     """Seconds from opening a session (10 s, chunk of 1 frame, unpaced) to its first AudioChunk, through the
-    server's engine, for `sessions` sessions one after another on one engine: the first is a cold start
-    (first use of each kernel), the later ones what a running server gives."""
+    server's engine, for `sessions` sessions one after another on one engine, each with a new prompt text (the
+    engine remembers text encodings), then one more that repeats the last text. The first is a cold start
+    (first use of each kernel), the middle ones what a running server gives a new prompt, the last a known one."""
     from server.engine import Engine, EngineConfig
     from server.events import AudioChunk, SessionSpec
 
     engine = Engine(model, EngineConfig(max_sessions=1))
     engine.start()
-    spec = SessionSpec(text=PROMPT, params=model.default_sampling(greedy=True), total_frames=frames,
-                       chunk_frames=1, max_lead_seconds=None)
     times = []
-    for _ in range(sessions):
+    for index in list(range(sessions)) + [sessions - 1]:
+        spec = SessionSpec(text=f"{PROMPT} {index}", params=model.default_sampling(greedy=True),
+                           total_frames=frames, chunk_frames=1, max_lead_seconds=None)
         first = threading.Event()
         sink = lambda event, first=first: first.set() if isinstance(event, AudioChunk) else None  # noqa: E731
         started = time.perf_counter()
@@ -120,18 +121,20 @@ def engine_realtime(model, sessions: int, seconds: float = 10.0) -> float:
     return seconds / wall
 
 
-def peak_rss_mib(args, side: str) -> float:
-    """Peak RSS of a fresh process that loads one side and runs a few steps."""
+def peak_rss_mib(args, side: str) -> tuple[float, float]:
+    """Peak and final RSS (MiB) of a fresh process that loads one side and runs a few steps. Both count the
+    checkpoint's memory-mapped pages that the process has touched (clean, reclaimable file pages)."""
     code = (
         "import sys, resource, torch; sys.argv = sys.argv[:1] + {argv!r}; sys.path.insert(0, 'bench');"
         "import bench_generate as b; a = b.parse(); torch.set_num_threads(a.threads);"
         "m = b.load_ours(a) if {side!r} == 'ours' else b.load_transformers(a);"
         "b.our_step_times(m, 5) if {side!r} == 'ours' else b.transformers_step_times(*m, 5);"
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+        "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('VmHWM', 'VmRSS'))])"
     ).format(argv=sys.argv[1:], side=side)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    peak, steady = (int(value) / 1024 for value in out.stdout.strip().splitlines()[-1].split())
+    return peak, steady
 
 
 def load_transformers(args):
@@ -184,9 +187,10 @@ def main() -> None:
         their_ms = 1000 * statistics.median(their_times)
         result.update(transformers_ms_per_step=round(their_ms, 2), transformers_rtf=round(20.0 / their_ms, 3),
                       speedup=round(their_ms / ours_ms, 2))
-    first_audio = fresh(time_to_first_audio, ours)
+    first_audio = fresh(time_to_first_audio, ours, sessions=6)
     result["time_to_first_audio_ms_cold"] = round(1000 * first_audio[0], 1)
-    result["time_to_first_audio_ms"] = round(1000 * statistics.median(first_audio[1:]), 1)
+    result["time_to_first_audio_ms"] = round(1000 * statistics.median(first_audio[1:-1]), 1)
+    result["time_to_first_audio_ms_known_prompt"] = round(1000 * first_audio[-1], 1)
     sweep = {}
     for count in [int(c) for c in args.sessions.split(",") if c]:
         ms = 1000 * statistics.median(fresh(our_step_times, ours, max(10, args.steps // 2), sessions=count))
@@ -199,15 +203,17 @@ def main() -> None:
     cache = ours.decoder.allocate_cache(rows=2, capacity=50)
     result["kv_bytes_per_session_second"] = cache.nbytes
     if not args.no_rss:
-        result["peak_rss_mib_ours"] = round(peak_rss_mib(args, "ours"))
+        peak, steady = peak_rss_mib(args, "ours")
+        result.update(peak_rss_mib_ours=round(peak), steady_rss_mib_ours=round(steady))
         if theirs is not None:
-            result["peak_rss_mib_transformers"] = round(peak_rss_mib(args, "transformers"))
+            peak, steady = peak_rss_mib(args, "transformers")
+            result.update(peak_rss_mib_transformers=round(peak), steady_rss_mib_transformers=round(steady))
     if args.json:
         print(json.dumps(result))
         return
     for key, value in result.items():
         if key != "sessions":
-            print(f"{key:32s} {value}")
+            print(f"{key:36s} {value}")
     print("sessions  ms/step  frames/s  per-session RTF")
     for count, row in sweep.items():
         print(f"{count:8d}  {row['ms_per_step']:7.1f}  {row['frames_per_s']:8.1f}  {row['per_session_rtf']:6.3f}")

@@ -88,7 +88,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight.detach().float()
     scale = weight.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+    values = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], 256):  # in slices: no full-size float temporaries
+        rows = slice(start, start + 256)
+        values[rows] = torch.round(weight[rows] / scale[rows, None]).clamp_(-127, 127)
+    return values, scale
 
 
 def pack(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

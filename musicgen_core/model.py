@@ -97,6 +97,7 @@ class MusicGen:
         if quantize is not None:
             from .quantize import quantize_decoder
             quantize_decoder(modules.decoder, quantize)
+            _copy_out_of_the_checkpoint(modules)
         elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
             from .decoder import calibrate_linear
             calibrate_linear(modules.decoder.layers[0].fc1.weight)  # pick the faster small-batch matmul
@@ -281,6 +282,19 @@ class MusicGen:
         if len(audio_prompt) != count:
             raise ValueError(f"{len(audio_prompt)} audio prompts for {count} text prompts")
         return list(audio_prompt)
+
+
+def _copy_out_of_the_checkpoint(modules: nn.Module) -> None:
+    """Give the float tensors that remain their own memory. Loaded tensors share the checkpoint file's memory
+    map, and quantizing reads every decoder weight, so the whole file stayed resident (an int8 musicgen-small
+    process sat at 3 GB RSS while holding 1.1 GB of tensors); once nothing points into the map, it goes."""
+    for module in modules.modules():
+        if type(module).__module__.startswith(("musicgen_core.int8_kernel", "torch.ao")):
+            continue  # quantized layers were built in memory of their own
+        for name, parameter in module.named_parameters(recurse=False):
+            parameter.data = parameter.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.clone()
 
 
 def _stack_padded(audio: list[torch.Tensor]) -> torch.Tensor:

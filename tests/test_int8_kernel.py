@@ -131,3 +131,26 @@ def test_int8_fbgemm_can_be_chosen_explicitly(mono_checkpoint):
     model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8-fbgemm")
     assert quantization_backend(model.decoder) == "int8-fbgemm"
     assert model.generate("warm lofi beat", frames=6).codes.shape == (1, 4, 6)
+
+
+def test_an_int8_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_path):
+    """Loaded tensors share the checkpoint's memory map; once the decoder is quantized nothing may point into
+    it, so the map (and every page quantization read) is released."""
+    import gc
+    import shutil
+
+    private = tmp_path / "checkpoint"
+    shutil.copytree(mono_checkpoint, private)
+    weights = str((private / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return weights in open("/proc/self/maps").read()
+
+    fp32 = MusicGen.from_pretrained(private)
+    assert mapped()  # float loads read the weights through the map
+    del fp32
+    gc.collect()
+    model = MusicGen.from_pretrained(private, quantize="int8")
+    gc.collect()
+    assert not mapped()
+    assert model.generate("warm lofi beat", frames=4).codes.shape == (1, 4, 4)
