@@ -146,7 +146,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t m = 0;  // groups of up to 8 rows share each weight load; the block stays in L1 across groups
+      int64_t m = 0;  // groups of up to 8 rows share each weight load; the block stays cached across groups
       for (; m + 8 <= rows; m += 8) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
       for (; m + 4 <= rows; m += 4) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
       for (; m + 2 <= rows; m += 2) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);

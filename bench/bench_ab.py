@@ -1,0 +1,190 @@
+"""A/B comparisons behind BENCHMARKS.md's "what changed" table, each alternating its two sides in blocks within
+one process (or, for threads, in fresh processes) so both see the same machine state.
+
+    python bench/bench_ab.py kernel   --model /tmp/mg-small   # our int8 kernel vs fbgemm
+    python bench/bench_ab.py gelu     --model /tmp/mg-small   # GELU inside fc1's kernel vs F.gelu after it
+    python bench/bench_ab.py threads  --model /tmp/mg-small   # which thread loads the model vs which steps it
+    python bench/bench_ab.py attention                          # SDPA over an fp32 vs a bf16 cache
+    python bench/bench_ab.py int8pack                           # aten's weight-only int8 matmul vs the others
+    python bench/bench_ab.py t5       --model /tmp/mg-small   # the text encoder with fp32 vs bf16 weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from server.engine import call_in_fresh_thread as fresh
+
+
+def step_ms(model, steps: int = 25) -> float:
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    states = [model.start_sequence(conditioning, model.default_sampling(greedy=True, guidance_scale=3.0),
+                                   total_frames=steps + 10)]
+    model.step(states)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.step(states)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def alternate(sides: dict, blocks: int) -> None:
+    """sides: name -> (model, prepare callable). Prints each side's per-block medians and their median."""
+    results = {name: [] for name in sides}
+    for _ in range(blocks):
+        for name, (model, prepare) in sides.items():
+            prepare()
+            results[name].append(step_ms(model))
+    for name, values in results.items():
+        print(f"{name:12s} median {statistics.median(values):6.1f} ms/step  blocks {[round(v, 1) for v in values]}")
+
+
+def kernel(args) -> None:
+    from musicgen_core import MusicGen
+    ours = MusicGen.from_pretrained(args.model, quantize="int8", kv_dtype=torch.float32)
+    fbgemm = MusicGen.from_pretrained(args.model, quantize="int8-fbgemm", kv_dtype=torch.float32)
+    alternate({"int8 (ours)": (ours, lambda: None), "int8-fbgemm": (fbgemm, lambda: None)}, args.blocks)
+
+
+def gelu(args) -> None:
+    from musicgen_core import MusicGen
+    from musicgen_core.int8_kernel import Int8Linear
+    model = MusicGen.from_pretrained(args.model, quantize="int8")
+    fc1 = [m for m in model.decoder.modules() if isinstance(m, Int8Linear) and m.applies_gelu]
+
+    def use(fused: bool):
+        return lambda: [setattr(layer, "applies_gelu", fused) for layer in fc1]
+
+    alternate({"in kernel": (model, use(True)), "F.gelu": (model, use(False))}, args.blocks)
+
+
+THREAD_PROBE = """
+import sys, threading
+from musicgen_core import MusicGen
+sys.path.insert(0, 'bench')
+from bench_ab import step_ms
+loader, stepper = sys.argv[1], sys.argv[2]
+box = {}
+def on(where, work):
+    if where == 'main':
+        work()
+    else:
+        thread = threading.Thread(target=work); thread.start(); thread.join()
+on(loader, lambda: box.update(model=MusicGen.from_pretrained(sys.argv[3], quantize='int8')))
+on(stepper, lambda: box.update(ms=step_ms(box['model'], 60)))
+print(round(box['ms'], 1))
+"""
+
+
+def threads(args) -> None:
+    """Each pairing in a fresh process: load on the main thread or on a thread that ends; step likewise."""
+    pairings = [("main", "main"), ("main", "thread"), ("thread", "thread")]
+    results = {pairing: [] for pairing in pairings}
+    for _ in range(args.blocks):
+        for loader, stepper in pairings:
+            out = subprocess.run([sys.executable, "-c", THREAD_PROBE, loader, stepper, args.model],
+                                 capture_output=True, text=True, check=True)
+            results[(loader, stepper)].append(float(out.stdout.strip().splitlines()[-1]))
+    for (loader, stepper), values in results.items():
+        print(f"load on {loader:6s} step on {stepper:6s}  median {statistics.median(values):6.1f} ms/step  {values}")
+
+
+def attention(args) -> None:
+    query = torch.randn(2, 16, 1, 64)
+    for length in (80, 500, 1400):
+        for dtype in (torch.float32, torch.bfloat16):
+            keys = [torch.randn(2, 16, length, 64).to(dtype) for _ in range(24)]
+            values = [torch.randn(2, 16, length, 64).to(dtype) for _ in range(24)]
+            q = query.to(dtype)
+
+            def step():
+                for k, v in zip(keys, values):
+                    F.scaled_dot_product_attention(q, k, v)
+
+            step()
+            best = min(_timed(step) for _ in range(5))
+            print(f"{length:5d} positions {str(dtype):15s} {1000 * best:6.2f} ms for 24 layers")
+
+
+def int8pack(args) -> None:
+    """One 4096x1024 layer at 2 rows (weights cached): fp32 F.linear, fbgemm, ours, aten's weight-only int8."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    from musicgen_core.int8_kernel import Int8Linear, load_int8_kernel, quantize_weight
+
+    weight, x = torch.randn(4096, 1024) * 0.02, torch.randn(2, 1024)
+    plain = torch.nn.Linear(1024, 4096, bias=False)
+    plain.weight.data = weight
+    plain.qconfig = default_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fbgemm = DynamicInt8Linear.from_float(plain)
+    values, scale = quantize_weight(weight)
+    forms = {"fp32 F.linear": lambda: F.linear(x, weight), "fbgemm dynamic int8": lambda: fbgemm(x),
+             "aten _weight_int8pack_mm fp32": lambda: torch._weight_int8pack_mm(x, values, scale),
+             "aten _weight_int8pack_mm bf16": lambda: torch._weight_int8pack_mm(x.bfloat16(), values,
+                                                                                 scale.bfloat16())}
+    kernel = load_int8_kernel()
+    if kernel is not None:
+        ours = Int8Linear(weight, kernel)
+        forms["ours (VNNI)"] = lambda: ours(x)
+    for name, form in forms.items():
+        form()
+        best = min(_timed(lambda: [form() for _ in range(50)]) for _ in range(5)) / 50
+        print(f"{name:32s} {1e6 * best:8.1f} us")
+
+
+def t5(args) -> None:
+    from musicgen_core import MusicGen
+    model = MusicGen.from_pretrained(args.model)
+    prompt = ["warm lofi beat with soft piano"]
+    with torch.inference_mode():
+        exact = model.encode_text(prompt)[0].hidden
+        fp32 = statistics.median(_timed(lambda: model.encode_text(prompt)) for _ in range(8))
+        for module in model.modules.text_encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.bfloat16()
+        original = torch.nn.Linear.forward
+        torch.nn.Linear.forward = lambda self, x: F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        try:
+            approx = model.encode_text(prompt)[0].hidden
+            bf16 = statistics.median(_timed(lambda: model.encode_text(prompt)) for _ in range(8))
+        finally:
+            torch.nn.Linear.forward = original
+    error = ((approx - exact).norm() / exact.norm()).item()
+    print(f"text encoder: fp32 {1000 * fp32:.1f} ms, bf16 weights {1000 * bf16:.1f} ms, hidden states {100 * error:.2f}% off")
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["kernel", "gelu", "threads", "attention", "int8pack", "t5"])
+    parser.add_argument("--model", default="/tmp/mg-small")
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "threads":
+        threads(args)  # its own processes
+    else:
+        fresh(globals()[args.what], args)  # a thread that ends: no OpenMP pool left on this one
+
+
+if __name__ == "__main__":
+    main()
