@@ -7,6 +7,10 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py attention                          # SDPA over an fp32 vs a bf16 cache
     python bench/bench_ab.py int8pack                           # aten's weight-only int8 matmul vs the others
     python bench/bench_ab.py t5       --model /tmp/mg-small   # the text encoder with fp32 vs bf16 weights
+    python bench/bench_ab.py stream                             # read bandwidth: sum, fbgemm, ours, fresh weights
+    python bench/bench_ab.py prefill  --model /tmp/mg-small   # audio-prompt prefill per frame: ours vs fbgemm
+    python bench/bench_ab.py zerofill --model /tmp/mg-small   # a 10 s session's KV cache: zeroed vs not
+    python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes
 """
 
 from __future__ import annotations
@@ -166,6 +170,97 @@ def t5(args) -> None:
     print(f"text encoder: fp32 {1000 * fp32:.1f} ms, bf16 weights {1000 * bf16:.1f} ms, hidden states {100 * error:.2f}% off")
 
 
+def stream(args) -> None:
+    """GB/s reading ~300 MB of distinct weights once per pass (so they come from DRAM, as in a decoder step)."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import default_dynamic_qconfig
+
+    from musicgen_core.int8_kernel import Int8Linear, load_int8_kernel
+
+    tensors = [torch.ones(1 << 20) for _ in range(300 // 4)]  # 4 MB each
+    passes = [_timed(lambda: [t.sum() for t in tensors]) for _ in range(3)]
+    print(f"fp32 tensor.sum            {0.3 / min(passes):5.1f} GB/s")
+    kernel = load_int8_kernel()
+    for out_features, in_features in ((4096, 1024), (1024, 4096), (1024, 1024), (3072, 1024)):
+        count = 300_000_000 // (out_features * in_features)
+        weights = [torch.randn(out_features, in_features) * 0.02 for _ in range(count)]
+        x = torch.randn(2, 1, in_features)
+        layers = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fbgemm = []
+            for weight in weights:
+                plain = torch.nn.Linear(in_features, out_features, bias=False)
+                plain.weight.data = weight
+                plain.qconfig = default_dynamic_qconfig
+                fbgemm.append(DynamicInt8Linear.from_float(plain))
+            layers["fbgemm"] = fbgemm
+        if kernel is not None:
+            layers["ours"] = [Int8Linear(weight, kernel) for weight in weights]
+        del weights
+        line = []
+        for name, group in layers.items():
+            best = min(_timed(lambda: [layer(x) for layer in group]) for _ in range(3))
+            line.append(f"{name} {count * out_features * in_features / best / 1e9:5.1f} GB/s")
+        print(f"{out_features}x{in_features} int8, 2 rows: " + ", ".join(line))
+
+
+def prefill(args) -> None:
+    from musicgen_core import MusicGen
+    for scheme in ("int8", "int8-fbgemm"):
+        model = MusicGen.from_pretrained(args.model, quantize=scheme)
+        conditioning = model.encode_text(["warm lofi beat"])[0]
+        params = model.default_sampling(greedy=True, guidance_scale=3.0)
+        for frames in (50, 200, 600):
+            context = torch.randint(0, model.config.decoder.vocab_size, (model.config.decoder.num_codebooks, frames))
+            states = [model.start_sequence(conditioning, params, context, total_frames=frames + 10)]
+            seconds = _timed(lambda: model.step(states))
+            print(f"{scheme:12s} prefill of {frames:4d} frames: {1000 * seconds:7.0f} ms ({1000 * seconds / frames:.1f} ms/frame)")
+        del model
+
+
+def zerofill(args) -> None:
+    from musicgen_core import MusicGen
+    model = MusicGen.from_pretrained(args.model, quantize="int8")
+    capacity = 500 + 1 + model.config.decoder.max_delay  # a 10 s session
+    for zeroed in (True, False, True, False):
+        seconds = _timed(lambda: model.decoder.allocate_cache(2, capacity, zeroed=zeroed))
+        print(f"KV cache for a 10 s session, zeroed={zeroed!s:5s}: {1000 * seconds:6.1f} ms")
+
+
+def profile(args) -> None:
+    from torch.profiler import profile as torch_profile
+    from torch.profiler import record_function
+
+    from musicgen_core import MusicGen
+    from musicgen_core.int8_kernel import Int8Linear
+    model = MusicGen.from_pretrained(args.model, quantize="int8")
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    states = [model.start_sequence(conditioning, model.default_sampling(greedy=True, guidance_scale=3.0),
+                                   total_frames=80)]
+    for _ in range(20):
+        model.step(states)
+    forward = Int8Linear.forward
+
+    def labelled(self, x):
+        with record_function("int8 kernel (ours)"):
+            return forward(self, x)
+
+    Int8Linear.forward = labelled
+    try:
+        with torch_profile() as recorded:
+            for _ in range(20):
+                model.step(states)
+    finally:
+        Int8Linear.forward = forward
+    print("ms per step, by op (20 steps):")
+    for event in sorted(recorded.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"  {event.key:55s} {event.self_cpu_time_total / 1000 / 20:6.2f}  ({event.count // 20} calls)")
+    print(f"  {'total':55s} {sum(e.self_cpu_time_total for e in recorded.key_averages()) / 1000 / 20:6.2f}")
+
+
 def _timed(work) -> float:
     started = time.perf_counter()
     work()
@@ -174,7 +269,8 @@ def _timed(work) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernel", "gelu", "threads", "attention", "int8pack", "t5"])
+    parser.add_argument("what", choices=["kernel", "gelu", "threads", "attention", "int8pack", "t5", "stream",
+                                         "prefill", "zerofill", "profile"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)

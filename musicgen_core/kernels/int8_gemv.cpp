@@ -144,13 +144,21 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   const int32_t* r = rowsum.data_ptr<int32_t>();
   const float* ws = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  // Groups of up to 8 rows share each weight load. With more rows (a prefill), the rows are walked over a tile
+  // of ~256 KB of weights at a time, so the tile stays in L2 while every row group passes over it.
+  const int64_t tile = std::max<int64_t>(1, (256 * 1024) / (in_padded * 16));
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t m = 0;  // groups of up to 8 rows share each weight load; the block stays cached across groups
-      for (; m + 8 <= rows; m += 8) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m + 4 <= rows; m += 4) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m + 2 <= rows; m += 2) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m < rows; ++m) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+    for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+      const int64_t t1 = std::min(b1, t0 + tile);
+      int64_t m = 0;
+      for (; m + 8 <= rows; m += 8)
+        for (int64_t b = t0; b < t1; ++b) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m + 4 <= rows; m += 4)
+        for (int64_t b = t0; b < t1; ++b) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m + 2 <= rows; m += 2)
+        for (int64_t b = t0; b < t1; ++b) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for (; m < rows; ++m)
+        for (int64_t b = t0; b < t1; ++b) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
     }
   });
 #endif
