@@ -291,7 +291,7 @@ def _copy_out_of_the_checkpoint(modules: nn.Module) -> None:
     for module in modules.modules():
         if type(module).__module__.startswith(("musicgen_core.int8_kernel", "torch.ao")):
             continue  # quantized layers were built in memory of their own
-        for name, parameter in module.named_parameters(recurse=False):
+        for parameter in module.parameters(recurse=False):
             parameter.data = parameter.data.clone()
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.clone()
