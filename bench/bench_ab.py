@@ -3,6 +3,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
 
     python bench/bench_ab.py kernel   --model /tmp/mg-small   # our int8 kernel vs fbgemm
     python bench/bench_ab.py gelu     --model /tmp/mg-small   # GELU inside fc1's kernel vs F.gelu after it
+    python bench/bench_ab.py layers   --model /tmp/mg-small   # the C++ one-column layers vs the Python ones
     python bench/bench_ab.py threads  --model /tmp/mg-small   # which thread loads the model vs which steps it
     python bench/bench_ab.py attention                          # SDPA over an fp32 vs a bf16 cache
     python bench/bench_ab.py int8pack                           # aten's weight-only int8 matmul vs the others
@@ -60,14 +61,30 @@ def kernel(args) -> None:
 
 def gelu(args) -> None:
     from musicgen_core import MusicGen
-    from musicgen_core.int8_kernel import Int8Linear
+    from musicgen_core.int8_kernel import Int8Linear, load_int8_kernel
+    from musicgen_core.quantize import build_layer_steps
     model = MusicGen.from_pretrained(args.model, quantize="int8")
     fc1 = [m for m in model.decoder.modules() if isinstance(m, Int8Linear) and m.applies_gelu]
 
     def use(fused: bool):
-        return lambda: [setattr(layer, "applies_gelu", fused) for layer in fc1]
+        def prepare():
+            for layer in fc1:
+                layer.applies_gelu = fused
+            build_layer_steps(model.decoder, load_int8_kernel())  # the C++ layers hold the flags
+        return prepare
 
     alternate({"in kernel": (model, use(True)), "F.gelu": (model, use(False))}, args.blocks)
+
+
+def layers(args) -> None:
+    from musicgen_core import MusicGen
+    model = MusicGen.from_pretrained(args.model, quantize="int8")
+    fused = model.decoder.layer_steps
+
+    def use(steps):
+        return lambda: setattr(model.decoder, "layer_steps", steps)
+
+    alternate({"C++ layers": (model, use(fused)), "Python": (model, use(None))}, args.blocks)
 
 
 THREAD_PROBE = """
@@ -270,7 +287,7 @@ def _timed(work) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernel", "gelu", "threads", "attention", "int8pack", "t5", "stream",
+    parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5", "stream",
                                          "prefill", "zerofill", "profile"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)

@@ -151,6 +151,7 @@ class MusicgenDecoder(nn.Module):
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
         self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
+        self.layer_steps: list | None = None  # C++ one-column layers when every linear is int8 (quantize.py)
 
     def fuse_projections(self) -> None:
         """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv), and the
@@ -233,8 +234,11 @@ class MusicgenDecoder(nn.Module):
         bounds = [0]
         for r in rows:
             bounds.append(bounds[-1] + r)
-        for index, layer in enumerate(self.layers):
-            x = self._layer(layer, index, x, bounds, caches, crosses, time)
+        if time == 1 and self.layer_steps is not None:
+            x = self._fused_layers(x, bounds, caches, crosses)
+        else:
+            for index, layer in enumerate(self.layers):
+                x = self._layer(layer, index, x, bounds, caches, crosses, time)
         for cache in caches:
             cache.length += time
         x = self.layer_norm(x)
@@ -265,6 +269,21 @@ class MusicgenDecoder(nn.Module):
             x = self._layer(layer, index, x, bounds, caches, crosses, 1, lengths)
         x = self.layer_norm(x)
         return self.heads(x)
+
+    def _fused_layers(self, x: torch.Tensor, bounds: list[int], caches: list[KVCache],
+                      crosses: list[CrossAttentionKV]) -> torch.Tensor:
+        """Every layer of a one-column step through the int8 kernel's C++ layer (`layer_steps`): the same
+        operations as `_layer`, bit for bit, without Python between them."""
+        for cache in caches:
+            if cache.length + 1 > cache.capacity:
+                raise ValueError(f"KV cache full: {cache.length + 1} positions > capacity {cache.capacity}")
+        lengths = [cache.length for cache in caches]
+        masks = [kv.mask for kv in crosses]
+        for index, layer_step in enumerate(self.layer_steps):
+            x = layer_step.step(x, bounds, [c.keys[index] for c in caches], [c.values[index] for c in caches],
+                                lengths, [kv.keys[index] for kv in crosses], [kv.values[index] for kv in crosses],
+                                masks)
+        return x
 
     def _layer(self, layer: DecoderLayer, index: int, x: torch.Tensor, bounds: list[int],
                caches: list[KVCache], crosses: list[CrossAttentionKV], time: int,

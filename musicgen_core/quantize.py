@@ -44,6 +44,7 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
             weight = decoder.get_submodule(name).weight
             _replace(decoder, name, Int8Linear(weight, kernel, applies_gelu=name.endswith(".fc1")))
             del weight
+        build_layer_steps(decoder, kernel)
         return
     engine = "qnnpack" if platform.machine().lower() in ("arm64", "aarch64") else "fbgemm"
     torch.backends.quantized.engine = engine
@@ -58,6 +59,23 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
             plain.weight = module.weight
             plain.qconfig = default_dynamic_qconfig  # per-tensor int8 weights, dynamic int8 activations
             _replace(decoder, name, DynamicInt8Linear.from_float(plain))
+
+
+def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
+    """Give the decoder one C++ `DecoderLayerStep` per layer for one-column steps (decoder._fused_layers). They
+    hold the layers' current tensors and flags: call again after changing a layer (or set
+    `decoder.layer_steps = None` to step through Python)."""
+    steps = []
+    for layer in decoder.layers:
+        norms = [layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm]
+        linears = [layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
+                   layer.encoder_attn.out_proj, layer.fc1, layer.fc2]
+        steps.append(kernel.DecoderLayerStep(
+            [t for norm in norms for t in (norm.weight, norm.bias)], [norm.eps for norm in norms],
+            [t for linear in linears for t in (linear.packed, linear.rowsum, linear.scale)],
+            [linear.out_features for linear in linears], [linear.applies_gelu for linear in linears],
+            decoder.config.num_attention_heads))
+    decoder.layer_steps = steps
 
 
 def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -92,6 +92,7 @@ def test_int8_decoder_is_the_reference_arithmetic_end_to_end(mono_checkpoint, ke
     assert len(fc1s) == model.config.decoder.num_hidden_layers  # by default each fc1 applies GELU itself
     for layer in fc1s:
         layer.applies_gelu = False
+    quantize.build_layer_steps(model.decoder, kernel)
     params = model.default_sampling(greedy=True)
     conditioning = model.encode_text(["warm lofi beat"])[0]
     states = [model.start_sequence(conditioning, params, total_frames=12) for _ in range(2)]
@@ -115,6 +116,7 @@ def test_int8_decoder_is_the_reference_arithmetic_end_to_end(mono_checkpoint, ke
         for name, module in list(model.decoder.named_modules()):
             if isinstance(module, Int8Linear):
                 quantize._replace(model.decoder, name, Reference(module))
+        model.decoder.layer_steps = None  # through the (now reference) modules
         slow = model.decoder([columns], [states[1].cache], [states[1].cross])[0]
     assert torch.equal(fast, slow)
 
@@ -154,3 +156,43 @@ def test_an_int8_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_path)
     gc.collect()
     assert not mapped()
     assert model.generate("warm lofi beat", frames=4).codes.shape == (1, 4, 4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-cache", "bf16-cache"])
+def test_the_cpp_layers_step_bit_for_bit_like_the_python_layers(mono_checkpoint, kernel, kv_dtype):
+    """Two sequences batched (one with guidance, one without), several steps: the C++ one-column layers give the
+    Python path's logits and caches exactly."""
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=kv_dtype)
+    assert len(model.decoder.layer_steps) == model.config.decoder.num_hidden_layers
+    fused_steps = model.decoder.layer_steps
+    conditionings = model.encode_text(["warm lofi beat", "dark techno"])
+    params = [model.default_sampling(greedy=True), model.default_sampling(greedy=True, guidance_scale=1.0)]
+
+    def start():
+        return [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
+
+    fused, plain = start(), start()
+    with torch.inference_mode():
+        for _ in range(6):
+            model.decoder.layer_steps = fused_steps
+            got = model.decoder([s.pending_columns() for s in fused], [s.cache for s in fused],
+                                [s.cross for s in fused])
+            model.decoder.layer_steps = None
+            expected = model.decoder([s.pending_columns() for s in plain], [s.cache for s in plain],
+                                     [s.cross for s in plain])
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+            for states, logits in ((fused, got), (plain, expected)):
+                for state, value in zip(states, logits):
+                    state.grid.place(value[0, :, -1].argmax(-1))
+    for a, b in zip(fused, plain):
+        assert a.cache.length == b.cache.length
+        assert torch.equal(a.cache.keys[:, :, :, :a.cache.length], b.cache.keys[:, :, :, :b.cache.length])
+
+
+def test_the_cpp_layers_refuse_a_full_cache(mono_checkpoint, kernel):
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    state = model.start_sequence(model.encode_text(["warm lofi beat"])[0], model.default_sampling(greedy=True),
+                                 total_frames=2)
+    state.cache.length = state.cache.capacity
+    with pytest.raises(ValueError, match="KV cache full"), torch.inference_mode():
+        model.decoder([state.grid.tokens[:, :1]], [state.cache], [state.cross])
