@@ -11,7 +11,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py stream                             # read bandwidth: sum, fbgemm, ours, fresh weights
     python bench/bench_ab.py prefill  --model /tmp/mg-small   # audio-prompt prefill per frame: ours vs fbgemm
     python bench/bench_ab.py zerofill --model /tmp/mg-small   # a 10 s session's KV cache: zeroed vs not
-    python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes
+    python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes (Python layers)
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ def profile(args) -> None:
     from musicgen_core import MusicGen
     from musicgen_core.int8_kernel import Int8Linear
     model = MusicGen.from_pretrained(args.model, quantize="int8")
+    model.decoder.layer_steps = None  # the Python layers, so that each kernel call can be labelled
     conditioning = model.encode_text(["warm lofi beat"])[0]
     states = [model.start_sequence(conditioning, model.default_sampling(greedy=True, guidance_scale=3.0),
                                    total_frames=80)]
