@@ -198,13 +198,22 @@ class MusicgenDecoder(nn.Module):
     def cross_attention_kv(self, hidden: torch.Tensor, mask: torch.Tensor) -> CrossAttentionKV:
         """Keys/values of the conditioning for every layer. hidden: (rows, text_len, width), already projected
         and zeroed where masked; mask: (rows, text_len), 1 where a row may attend."""
+        # All-zero rows (guidance's unconditional row) project to exact zeros (no bias): project only the rest.
+        live = hidden.flatten(1).any(dim=1)
+        projected = hidden if bool(live.all()) else hidden[live]
         keys, values = [], []
         for layer in self.layers:
-            k, v = layer.encoder_attn.project_kv(hidden)
+            k, v = layer.encoder_attn.project_kv(projected)
             keys.append(k)
             values.append(v)
+        keys, values = torch.stack(keys), torch.stack(values)
+        if projected is not hidden:
+            shape = (keys.shape[0], hidden.shape[0], *keys.shape[2:])
+            full_keys, full_values = keys.new_zeros(shape), values.new_zeros(shape)
+            full_keys[:, live], full_values[:, live] = keys, values
+            keys, values = full_keys, full_values
         additive = (1.0 - mask.to(hidden.dtype))[:, None, None, :] * torch.finfo(hidden.dtype).min
-        return CrossAttentionKV(torch.stack(keys), torch.stack(values), additive)
+        return CrossAttentionKV(keys, values, additive)
 
     # -- forward ------------------------------------------------------------------------------------------
 

@@ -134,3 +134,18 @@ def test_bfloat16_kv_cache_runs_the_static_step_too(mono_checkpoint):
         got = model.decoder.forward_static(static.pending_columns()[None], torch.tensor([static.cache.length]),
                                            [static.cache], [static.cross])
     assert (got - expected).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "int8"}], ids=["fp32", "int8"])
+def test_cross_attention_skips_zero_rows_without_changing_them(mono_checkpoint, options):
+    """Guidance's unconditional row is all zeros; projecting only the other rows gives the same keys/values."""
+    model = MusicGen.from_pretrained(mono_checkpoint, **options)
+    hidden = model.encode_text([TEXT])[0].hidden
+    stacked = torch.stack([hidden, torch.zeros_like(hidden), hidden * 0.5])
+    mask = torch.ones(3, hidden.shape[0], dtype=torch.long)
+    with torch.inference_mode():
+        skipped = model.decoder.cross_attention_kv(stacked, mask)
+        live = model.decoder.cross_attention_kv(stacked[[0, 2]], mask[[0, 2]])
+    assert torch.equal(skipped.keys[:, 1], torch.zeros_like(skipped.keys[:, 1]))
+    assert torch.equal(skipped.values[:, 1], torch.zeros_like(skipped.values[:, 1]))
+    assert torch.equal(skipped.keys[:, [0, 2]], live.keys) and torch.equal(skipped.values[:, [0, 2]], live.values)
