@@ -66,6 +66,8 @@ def load_int8_kernel():
 
         directory = kernel_build_directory()
         directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob("*.so")):
+            log.warning("int8: compiling the kernel for this CPU, once (about 30 s), into %s", directory)
         module = load(name=f"musicgen_int8_{directory.name}", sources=[str(SOURCE)], build_directory=str(directory),
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, and say so
