@@ -152,7 +152,8 @@ def parse(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--quantize", choices=["int8", "int8-fbgemm"], default=None)
     parser.add_argument("--kv-dtype", choices=sorted(DTYPES), default=None,
-                        help="self-attention cache dtype (default: the weights'; bfloat16 with --quantize)")
+                        help="self-attention cache dtype (default: the weights';"
+                             " bfloat16 with --quantize on a bf16 CPU)")
     parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
     parser.add_argument("--engine-sessions", type=int, default=0,
                         help="also run this many concurrent 10 s sessions through the server's engine")

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 OUTPUT_BLOCK, INPUT_BLOCK = 16, 8  # the packed layout pads outputs and inputs to these
+STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old was left by a process that died building
 
 log = logging.getLogger(__name__)
 _kernel = None
@@ -62,14 +64,9 @@ def load_int8_kernel():
         _failure = f"this CPU lacks {', '.join(missing) or 'x86-64'}"
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         directory = kernel_build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        if not any(directory.glob("*.so")):
-            log.warning("int8: compiling the kernel for this CPU, once (about 30 s), into %s", directory)
-        module = load(name=f"musicgen_int8_{directory.name}", sources=[str(SOURCE)], build_directory=str(directory),
-                      extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+        name = f"musicgen_int8_{directory.name}"
+        module = _import_built(name, directory / f"{name}.so") or _build(name, directory)
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, and say so
         _failure = f"building {SOURCE.name} failed: {str(error).strip().splitlines()[-1] if str(error) else error!r}"
         log.warning("int8 kernel unavailable (%s); using fbgemm", _failure)
@@ -79,6 +76,37 @@ def load_int8_kernel():
         return None
     _kernel = module
     return _kernel
+
+
+def _import_built(name: str, library: Path):
+    """A finished build of this very source (the directory is keyed by it): imported without ninja or the
+    build lock. None when there is none, or it does not load (a build cut short)."""
+    if not library.exists():
+        return None
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError as error:
+        log.warning("int8: %s does not load (%s); building it again", library, error)
+        library.unlink(missing_ok=True)
+        return None
+
+
+def _build(name: str, directory: Path):
+    from torch.utils.cpp_extension import load
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"  # torch's build lock; it waits for it to go, without a time limit
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        log.warning("int8: removing %s, left by a build that did not finish", lock)
+        lock.unlink(missing_ok=True)
+    log.warning("int8: compiling the kernel for this CPU, once (about 30 s), into %s", directory)
+    return load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
 
 
 def int8_kernel_failure() -> str | None:
@@ -115,9 +143,12 @@ def reference_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor)
     """The kernel's arithmetic in PyTorch, operation for operation (the specification the tests hold it to):
     per-row int8 activations, exact integer dot products, then the weight scale, then the row scale."""
     flat = x.reshape(-1, x.shape[-1]).float()
+    finite = torch.isfinite(flat).all(dim=1)  # a row with a NaN or an infinity comes out all NaN
     peak = flat.abs().amax(dim=1)
     row_scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
-    quantized = torch.round(flat * (1 / row_scale)[:, None]).to(torch.int64)
+    row_scale = torch.where(finite, row_scale, torch.full_like(row_scale, float("nan")))
+    quantized = torch.round(flat * (1 / row_scale)[:, None])
+    quantized = torch.where(finite[:, None], quantized, torch.zeros_like(quantized)).to(torch.int64)
     dots = quantized @ values.to(torch.int64).T
     y = dots.float() * scale[None, :] * row_scale[:, None]
     return y.reshape(*x.shape[:-1], values.shape[0])
@@ -140,7 +171,8 @@ class Int8Linear(nn.Module):
         self._kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel.linear(x, self.packed, self.rowsum, self.scale, self.out_features, self.applies_gelu)
+        return self._kernel.linear(x, self.packed, self.rowsum, self.scale, self.in_features, self.out_features,
+                                   self.applies_gelu)
 
     def extra_repr(self) -> str:
         gelu = ", then GELU" if self.applies_gelu else ""

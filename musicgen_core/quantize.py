@@ -73,7 +73,8 @@ def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
         steps.append(kernel.DecoderLayerStep(
             [t for norm in norms for t in (norm.weight, norm.bias)], [norm.eps for norm in norms],
             [t for linear in linears for t in (linear.packed, linear.rowsum, linear.scale)],
-            [linear.out_features for linear in linears], [linear.applies_gelu for linear in linears],
+            [linear.in_features for linear in linears], [linear.out_features for linear in linears],
+            [linear.applies_gelu for linear in linears],
             decoder.config.num_attention_heads))
     decoder.layer_steps = steps
 

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="int8 decoder weights (CPU): int8 = our VNNI kernel where the CPU has it, else fbgemm")
     parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
-                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize)")
+                        help="self-attention cache dtype (default: the weights' dtype;"
+                             " bfloat16 with --quantize on a bf16 CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")

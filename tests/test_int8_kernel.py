@@ -196,3 +196,52 @@ def test_the_cpp_layers_refuse_a_full_cache(mono_checkpoint, kernel):
     state.cache.length = state.cache.capacity
     with pytest.raises(ValueError, match="KV cache full"), torch.inference_mode():
         model.decoder([state.grid.tokens[:, :1]], [state.cache], [state.cross])
+
+
+def test_a_row_with_nan_or_inf_comes_out_nan_and_leaves_the_others_alone(kernel):
+    weight = torch.randn(48, 40)
+    x = torch.randn(4, 1, 40)
+    x[1, 0, 3] = float("nan")  # in the vectorized part
+    x[2, 0, 37] = float("inf")  # in the scalar tail
+    values, scale = quantize_weight(weight)
+    got, expected = Int8Linear(weight, kernel)(x), reference_linear(x, values, scale)
+    assert torch.isnan(got[1:3]).all() and torch.isnan(expected[1:3]).all()
+    assert torch.equal(got[[0, 3]], expected[[0, 3]])
+
+
+def test_the_kernel_refuses_an_input_of_the_wrong_width(kernel):
+    layer = Int8Linear(torch.randn(16, 32), kernel)
+    with pytest.raises(RuntimeError, match="input width 25 does not match the weight.s 32"):
+        layer(torch.randn(1, 1, 25))
+
+
+def test_a_finished_build_loads_even_with_a_build_lock_left_behind(kernel, tmp_path, monkeypatch):
+    """A process killed while compiling leaves torch's lock file; torch would wait for it forever."""
+    import shutil
+
+    monkeypatch.setenv("MUSICGEN_KERNEL_DIR", str(tmp_path))
+    directory = int8_kernel.kernel_build_directory()
+    directory.mkdir(parents=True)
+    name = f"musicgen_int8_{directory.name}"
+    shutil.copy(kernel.__file__, directory / f"{name}.so")
+    (directory / "lock").touch()
+    monkeypatch.setattr(int8_kernel, "_kernel", None)
+    monkeypatch.setattr(int8_kernel, "_failure", None)
+    monkeypatch.setattr(int8_kernel, "_build", lambda *args: pytest.fail("rebuilt a finished kernel"))
+    assert load_int8_kernel().supported()
+
+
+def test_a_stale_build_lock_is_removed_before_building(tmp_path, monkeypatch):
+    import os
+    import time
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    lock = directory / "lock"
+    lock.touch()
+    old = time.time() - int8_kernel.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    seen = {}
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kwargs: seen.setdefault("lock", lock.exists()))
+    int8_kernel._build("musicgen_int8_test", directory)
+    assert seen == {"lock": False}

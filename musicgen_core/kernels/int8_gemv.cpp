@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -33,19 +34,35 @@ bool supported() {
 }
 
 // Quantize rows of x (rows, in) into xq (rows, in_padded), zero-padded (128 = quantized 0); returns sx.
-// Vectorized where AVX-512 is on; both paths round half to even, as torch.round does.
+// Vectorized where AVX-512 is on; both paths round half to even, as torch.round does. A row holding a NaN or
+// an infinity gets scale NaN, so all of its outputs are NaN (as in float arithmetic) rather than quietly finite.
 void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, uint8_t* xq, float* sx) {
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * in;
     uint8_t* out = xq + m * in_padded;
     int64_t i = 0;
     float peak = 0.f;
+    bool has_nan = false;
 #ifdef MUSICGEN_HAVE_VNNI
     __m512 peaks = _mm512_setzero_ps();
-    for (; i + 16 <= in; i += 16) peaks = _mm512_max_ps(peaks, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    __mmask16 nans = 0;
+    for (; i + 16 <= in; i += 16) {
+      const __m512 v = _mm512_loadu_ps(row + i);
+      nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      peaks = _mm512_max_ps(peaks, _mm512_abs_ps(v));
+    }
     peak = _mm512_reduce_max_ps(peaks);
+    has_nan = nans != 0;
 #endif
-    for (; i < in; ++i) peak = std::max(peak, std::fabs(row[i]));
+    for (; i < in; ++i) {
+      has_nan = has_nan || std::isnan(row[i]);
+      peak = std::max(peak, std::fabs(row[i]));
+    }
+    if (has_nan || !std::isfinite(peak)) {
+      std::memset(out, 128, in_padded);
+      sx[m] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float scale = peak > 0.f ? peak / 127.f : 1.f;
     const float inverse = 1.f / scale;
     i = 0;
@@ -123,14 +140,20 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
 }
 #endif
 
-// x: (..., in) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale, int64_t out,
-                     bool gelu) {
+// x: (..., in_features) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
+                     int64_t in_features, int64_t out, bool gelu) {
   TORCH_CHECK(supported(), "int8 kernel built without AVX-512 VNNI");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8 linear takes float32 input");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "int8 linear takes float32 CPU input");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
+              packed.scalar_type() == torch::kInt8 && packed.is_contiguous(), "packed: int8 [out/16, in/4, 16, 4]");
   const int64_t blocks = packed.size(0), in_padded = packed.size(1) * 4;
+  TORCH_CHECK(rowsum.scalar_type() == torch::kInt32 && rowsum.is_contiguous() && rowsum.numel() == blocks * 16 &&
+              scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == blocks * 16 &&
+              out > blocks * 16 - 16 && out <= blocks * 16, "rowsum / scale / out do not match the packed weight");
   const int64_t in = x.size(-1);
-  TORCH_CHECK(in <= in_padded && in_padded - in < 8, "input width ", in, " does not match the packed weight");
+  TORCH_CHECK(in == in_features && (in + 7) / 8 * 8 == in_padded, "input width ", in, " does not match the weight's ",
+              in_features);
   auto flat = x.reshape({-1, in}).contiguous();
   const int64_t rows = flat.size(0);
   auto xq = torch::empty({rows, in_padded}, flat.options().dtype(torch::kUInt8));
@@ -173,13 +196,13 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 class DecoderLayerStep {
  public:
   // norms: (weight, bias) of the self-attention, cross-attention and final layer norms; linears: (packed,
-  // rowsum, scale) of qkv, out_proj, cross q_proj, cross out_proj, fc1, fc2, with outs[i] and gelus[i].
+  // rowsum, scale) of qkv, out_proj, cross q_proj, cross out_proj, fc1, fc2, with ins[i], outs[i], gelus[i].
   DecoderLayerStep(std::vector<torch::Tensor> norms, std::vector<double> eps, std::vector<torch::Tensor> linears,
-                   std::vector<int64_t> outs, std::vector<bool> gelus, int64_t heads)
-      : norms_(std::move(norms)), eps_(std::move(eps)), linears_(std::move(linears)), outs_(std::move(outs)),
-        gelus_(std::move(gelus)), heads_(heads) {
-    TORCH_CHECK(norms_.size() == 6 && eps_.size() == 3 && linears_.size() == 18 && outs_.size() == 6 &&
-                gelus_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
+                   std::vector<int64_t> ins, std::vector<int64_t> outs, std::vector<bool> gelus, int64_t heads)
+      : norms_(std::move(norms)), eps_(std::move(eps)), linears_(std::move(linears)), ins_(std::move(ins)),
+        outs_(std::move(outs)), gelus_(std::move(gelus)), heads_(heads) {
+    TORCH_CHECK(norms_.size() == 6 && eps_.size() == 3 && linears_.size() == 18 && ins_.size() == 6 &&
+                outs_.size() == 6 && gelus_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
   }
 
   // x (rows, 1, width); bounds: row offsets of the sequences (size sequences + 1); per sequence: this layer's
@@ -228,13 +251,14 @@ class DecoderLayerStep {
 
  private:
   torch::Tensor apply(size_t index, const torch::Tensor& input) const {
-    return linear(input, linears_[3 * index], linears_[3 * index + 1], linears_[3 * index + 2], outs_[index],
-                  gelus_[index]);
+    return linear(input, linears_[3 * index], linears_[3 * index + 1], linears_[3 * index + 2], ins_[index],
+                  outs_[index], gelus_[index]);
   }
 
   std::vector<torch::Tensor> norms_;
   std::vector<double> eps_;
   std::vector<torch::Tensor> linears_;
+  std::vector<int64_t> ins_;
   std::vector<int64_t> outs_;
   std::vector<bool> gelus_;
   int64_t heads_;
@@ -244,9 +268,11 @@ class DecoderLayerStep {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this build has the AVX-512 VNNI kernel");
-  m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)");
+  // Both release the GIL while they compute, as torch's own operations do: the server's I/O threads run on.
+  m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, std::vector<torch::Tensor>,
-                          std::vector<int64_t>, std::vector<bool>, int64_t>())
-      .def("step", &DecoderLayerStep::step);
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<bool>, int64_t>())
+      .def("step", &DecoderLayerStep::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
