@@ -90,7 +90,9 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def start_server(engine: Engine, options: ServerOptions) -> RunningServer:
+async def start_server(engine: Engine, options: ServerOptions, warm_up: bool = False) -> RunningServer:
+    """Bind, start the engine (and with warm_up, run one short session through it before accepting calls),
+    then serve and report SERVING on the health service."""
     interceptors = [BearerTokenInterceptor(options.token)] if options.token else []
     limits = [("grpc.max_receive_message_length", options.max_message_bytes),
               ("grpc.max_send_message_length", options.max_message_bytes)]
@@ -110,6 +112,9 @@ async def start_server(engine: Engine, options: ServerOptions) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot bind {address}")
     engine.start()
+    if warm_up:
+        seconds = await asyncio.to_thread(engine.warm_up)
+        log.info("event=warmed_up seconds=%.2f", seconds)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -151,7 +156,7 @@ async def serve(args: argparse.Namespace) -> None:
                                         reprime_frames=args.reprime_frames))
     options = ServerOptions(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
                             token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key)
-    running = await start_server(engine, options)
+    running = await start_server(engine, options, warm_up=True)
     log.info("event=listening address=%s:%d model=%s sample_rate=%d max_sessions=%d tls=%s auth=%s",
              args.host, running.port, model.config.name, model.config.sampling_rate, args.max_sessions,
              bool(args.tls_cert), bool(args.token))

@@ -18,8 +18,9 @@ from server.main import RunningServer, ServerOptions, start_server
 
 class ServerThread:
     def __init__(self, model: MusicGen, engine_config: EngineConfig = EngineConfig(),
-                 options: ServerOptions | None = None):
+                 options: ServerOptions | None = None, warm_up: bool = False):
         self.model = model
+        self.warm_up = warm_up
         self.engine = Engine(model, engine_config)
         self.options = options or ServerOptions(port=0)
         self.loop = asyncio.new_event_loop()
@@ -28,7 +29,8 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self.thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start_server(self.engine, self.options), self.loop).result(30)
+        started = start_server(self.engine, self.options, warm_up=self.warm_up)
+        self.running = asyncio.run_coroutine_threadsafe(started, self.loop).result(60)
         return self
 
     @property

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from musicgen_core import MusicGen
 from server.engine import Engine, EngineConfig, call_in_fresh_thread
-from server.events import (Finished, FinishReason, Notice, NoticeKind, ServerClosingError, SessionSpec, Started)
+from server.events import (AudioChunk, Finished, FinishReason, Notice, NoticeKind, ServerClosingError, SessionSpec,
+                           Started)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,31 @@ def test_sessions_with_the_same_prompt_share_one_text_encoding(model, monkeypatc
         engine.open_session(spec(model), lambda event: None)
     engine._admit()
     assert calls == [["warm lofi beat"]]
+
+
+def test_warm_up_runs_a_session_to_its_end_and_changes_nothing_after(model):
+    """A warmed engine then gives a session the same codes and audio as a cold one."""
+    warmed, cold = Engine(model), Engine(model)
+    warmed.start()
+    cold.start()
+    try:
+        assert warmed.warm_up() > 0 and warmed.active_sessions == 0
+        results = []
+        for engine in (warmed, cold):
+            done, chunks = threading.Event(), []
+
+            def sink(event, done=done, chunks=chunks):
+                if isinstance(event, AudioChunk):
+                    chunks.append(event)
+                elif isinstance(event, Finished):
+                    done.set()
+
+            engine.open_session(spec(model, total_frames=12, chunk_frames=4, max_lead_seconds=None), sink)
+            assert done.wait(60)
+            results.append((np.concatenate([c.codes for c in chunks], axis=1),
+                            np.concatenate([c.pcm for c in chunks], axis=1)))
+        assert results[0][0].shape == (model.config.decoder.num_codebooks, 12)
+        assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    finally:
+        warmed.shutdown(5)
+        cold.shutdown(5)

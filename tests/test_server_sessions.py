@@ -70,6 +70,22 @@ def test_greedy_session_equals_musicgen_generate(server, mono_checkpoint, tmp_pa
     assert finished.reason == pb.FINISH_REASON_COMPLETED and finished.total_frames == 40
 
 
+def test_a_warmed_up_server_has_run_its_warm_up_before_the_first_call_and_serves_the_same(server, model):
+    def run(target):
+        requests = RequestQueue(start_request(PROMPTS[0], sampling=GREEDY, duration_frames=12, unpaced=True,
+                                              return_codes=True, chunk_frames=4))
+        got = collect(target.stub().Session(iter(requests)))
+        requests.close()
+        return got
+
+    with ServerThread(model, EngineConfig(max_sessions=2), warm_up=True) as warmed:
+        assert warmed.engine.steps > 0 and warmed.engine.active_sessions == 0  # before any call
+        got = run(warmed)
+    expected = run(server)
+    assert got.codes.shape == (4, 12)
+    assert np.array_equal(got.codes, expected.codes) and np.array_equal(got.pcm, expected.pcm)
+
+
 def test_chunks_are_frame_aligned_and_contiguous(server):
     got = collect(server.stub().Generate(generate_request(PROMPTS[1], 33, chunk_frames=5)))
     chunks = got.of("audio")
