@@ -8,6 +8,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py attention                          # SDPA over an fp32 vs a bf16 cache
     python bench/bench_ab.py int8pack                           # aten's weight-only int8 matmul vs the others
     python bench/bench_ab.py t5       --model /tmp/mg-small   # the text encoder with fp32 vs bf16 weights
+    python bench/bench_ab.py cross    --model /tmp/mg-small   # cross-attention K/V: zero row skipped vs projected
     python bench/bench_ab.py stream                             # read bandwidth: sum, fbgemm, ours, fresh weights
     python bench/bench_ab.py prefill  --model /tmp/mg-small   # audio-prompt prefill per frame: ours vs fbgemm
     python bench/bench_ab.py zerofill --model /tmp/mg-small   # a 10 s session's KV cache: zeroed vs not
@@ -188,6 +189,23 @@ def t5(args) -> None:
     print(f"text encoder: fp32 {1000 * fp32:.1f} ms, bf16 weights {1000 * bf16:.1f} ms, hidden states {100 * error:.2f}% off")
 
 
+def cross(args) -> None:
+    """Cross-attention keys/values for a guided prompt ([text, zeros]: the zero row is skipped) against the same
+    number of rows all projected ([text, text])."""
+    from musicgen_core import MusicGen
+    for scheme in ("int8", None):
+        model = MusicGen.from_pretrained(args.model, quantize=scheme)
+        hidden = model.encode_text(["warm lofi beat with soft piano"])[0].hidden
+        mask = torch.ones(2, hidden.shape[0], dtype=torch.long)
+        with torch.inference_mode():
+            for name, rows in (("zero row skipped", torch.stack([hidden, torch.zeros_like(hidden)])),
+                               ("both rows projected", torch.stack([hidden, hidden]))):
+                model.decoder.cross_attention_kv(rows, mask)
+                seconds = statistics.median(_timed(lambda: model.decoder.cross_attention_kv(rows, mask))
+                                            for _ in range(10))
+                print(f"{scheme or 'fp32':5s} {name:20s} {1000 * seconds:6.1f} ms")
+
+
 def stream(args) -> None:
     """GB/s reading ~300 MB of distinct weights once per pass (so they come from DRAM, as in a decoder step)."""
     import warnings
@@ -288,8 +306,8 @@ def _timed(work) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5", "stream",
-                                         "prefill", "zerofill", "profile"])
+    parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
+                                         "cross", "stream", "prefill", "zerofill", "profile"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
