@@ -13,6 +13,7 @@ import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
 from musicgen_core import MusicGen, PromptTooLongError, SamplingParams
+from musicgen_core.streaming_codec import decoder_lookahead_samples
 
 from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
                      SpecError, Started)
@@ -23,7 +24,10 @@ MAX_CHUNK_FRAMES = 250
 DEFAULT_LEAD_SECONDS = 2.0
 MAX_LEAD_SECONDS = 60.0
 MAX_AUDIO_PROMPT_SECONDS = 30.0
+MAX_DURATION_SECONDS = 24 * 3600.0
+UNPACED_LEAD_SECONDS = 60.0  # unpaced: most audio sent beyond what the client has read (see SessionSpec)
 MIN_INPUT_RATE, MAX_INPUT_RATE = 8000, 192000
+SERVER_SEED_BITS = 53  # seeds the server picks stay exact as a JavaScript number (a double)
 
 ENCODINGS = {pb.AUDIO_ENCODING_FLOAT32_LE: Encoding.FLOAT32, pb.AUDIO_ENCODING_INT16_LE: Encoding.INT16}
 TO_PB_ENCODING = {value: key for key, value in ENCODINGS.items()}
@@ -46,7 +50,13 @@ def check_text(model: MusicGen, text: str, field: str) -> str:
     return text
 
 
-def sampling_from_pb(message: pb.Sampling, base: SamplingParams, field: str) -> SamplingParams:
+def exact_lookahead_frames(model: MusicGen) -> int:
+    """The decoder lookahead that makes streamed audio equal an offline decode, in whole frames."""
+    codec = model.config.audio_encoder
+    return math.ceil(decoder_lookahead_samples(codec) / codec.hop_length)
+
+
+def sampling_from_pb(model: MusicGen, message: pb.Sampling, base: SamplingParams, field: str) -> SamplingParams:
     """Fields set in the message override `base`; the result is validated with the field named."""
     changes = {}
     for name in ("guidance_scale", "temperature", "top_k", "top_p", "greedy", "seed"):
@@ -54,10 +64,14 @@ def sampling_from_pb(message: pb.Sampling, base: SamplingParams, field: str) -> 
             changes[name] = getattr(message, name)
     params = replace(base, **changes)
     try:
-        return params.validated()
+        params.validated()
     except ValueError as error:
         name = str(error).split(" ", 1)[0]
         raise SpecError(f"{field}.{name}", str(error)) from None
+    vocab = model.config.decoder.vocab_size
+    if params.top_k > vocab:  # a -1 from a client whose language has no unsigned type arrives as 4294967295
+        raise SpecError(f"{field}.top_k", f"must be in [0, {vocab}] (the codebook size), got {params.top_k}")
+    return params
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.Sampling:
@@ -115,9 +129,9 @@ def audio_for_model(model: MusicGen, audio: np.ndarray, rate: int, field: str,
 
 def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field: str = "start") -> SessionSpec:
     text = check_text(model, start.prompt, f"{field}.prompt")
-    params = sampling_from_pb(start.sampling, model.default_sampling(), f"{field}.sampling")
+    params = sampling_from_pb(model, start.sampling, model.default_sampling(), f"{field}.sampling")
     if params.seed is None:  # pick one, so Started can report it and the session can be replayed
-        params = replace(params, seed=secrets.randbits(62))
+        params = replace(params, seed=secrets.randbits(SERVER_SEED_BITS))
     audio_prompt = None
     if start.HasField("audio_prompt"):
         audio, rate = audio_from_pb(start.audio_prompt, f"{field}.audio_prompt")
@@ -139,9 +153,11 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         raise SpecError(f"{field}.output.channels", f"must be 0 (the model's), 1 or 2, got {start.output.channels}")
     lookahead = None
     if start.HasField("decoder_lookahead_frames"):
-        lookahead = float(start.decoder_lookahead_frames)
-        if lookahead > 16:
-            raise SpecError(f"{field}.decoder_lookahead_frames", f"must be in [0, 16], got {lookahead:g}")
+        lookahead, exact = start.decoder_lookahead_frames, exact_lookahead_frames(model)
+        if lookahead > exact:
+            raise SpecError(f"{field}.decoder_lookahead_frames", f"must be in [0, {exact}] (the exact value), "
+                                                                 f"got {lookahead}")
+        lookahead = float(lookahead)
     lead = start.max_lead_seconds
     if not math.isfinite(lead) or lead < 0 or lead > MAX_LEAD_SECONDS:
         raise SpecError(f"{field}.max_lead_seconds", f"must be in [0, {MAX_LEAD_SECONDS:g}], got {lead}")
@@ -153,6 +169,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         output_rate=rate if rate != model.config.sampling_rate else 0, encoding=encoding,
         output_channels=start.output.channels,
         lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
+        delivery_lead_seconds=UNPACED_LEAD_SECONDS if unpaced else None,
         client_name=start.client_name, context_frames=start.context_frames,
         reprime_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
 
@@ -161,15 +178,18 @@ def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field
     which = start.WhichOneof("duration")
     if which == "duration_seconds":
         seconds = start.duration_seconds
-        if not math.isfinite(seconds) or seconds <= 0 or seconds > 24 * 3600:
-            raise SpecError(f"{field}.duration_seconds", f"must be in (0, 86400], got {seconds}")
+        if not math.isfinite(seconds) or not 0 < seconds <= MAX_DURATION_SECONDS:
+            raise SpecError(f"{field}.duration_seconds", f"must be in (0, {MAX_DURATION_SECONDS:g}], got {seconds}")
         return math.ceil(seconds * model.config.frame_rate - 1e-9)
     if which == "duration_frames":
-        if not 0 < start.duration_frames <= 24 * 3600 * model.config.frame_rate:
-            raise SpecError(f"{field}.duration_frames", f"must be > 0 and at most a day, got {start.duration_frames}")
+        most = int(MAX_DURATION_SECONDS * model.config.frame_rate)
+        if not 0 < start.duration_frames <= most:
+            raise SpecError(f"{field}.duration_frames", f"must be in [1, {most}] ({MAX_DURATION_SECONDS:g} s), "
+                                                        f"got {start.duration_frames}")
         return start.duration_frames
     if not paced:
-        raise SpecError(f"{field}.duration_seconds", "Generate needs a duration (seconds or frames)")
+        raise SpecError(f"{field}.duration", "Generate needs a finite duration (duration_seconds or "
+                                             "duration_frames)")
     return None
 
 

@@ -59,6 +59,9 @@ class EngineConfig:
     window_frames: int | None = None  # decoder context per sequence; None: min(model limit, 30 s)
     reprime_frames: int | None = None  # context kept at a re-prime; None: 40% of the window (12 s of 30 s)
     max_batch: int = 32  # sessions per decoder step
+    # A session waiting at its lead this long with no ack (paced) or no delivery (unpaced) ends with ERROR: a
+    # client that vanished without a cancel reaching us (or never acks) must not hold a slot for ever.
+    stall_timeout_seconds: float = 10.0
 
 
 class SessionHandle:
@@ -228,6 +231,7 @@ class Engine:
     def _turn(self) -> None:
         self._admit()
         self._apply_commands()
+        self._end_stalled()
         ready = [s for s in self._sessions.values() if self._is_ready(s)]
         ready.sort(key=lambda s: s.stats.steps)  # past max_batch, the least-stepped go first
         ready = ready[: self.config.max_batch]
@@ -236,6 +240,15 @@ class Engine:
             self._wake.clear()
             return
         self._step(ready)
+
+    def _end_stalled(self) -> None:
+        now, timeout = time.monotonic(), self.config.stall_timeout_seconds
+        stalled = [s for s in self._sessions.values() if s.stalled(now, timeout)]
+        for session in stalled:
+            log.info("session=%s event=stalled timeout_s=%g", session.id, timeout)
+            self._guard(session, lambda: session.stall(timeout))
+        if stalled:
+            self._forget_finished()
 
     def _is_ready(self, session: Session) -> bool:
         try:

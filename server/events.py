@@ -46,7 +46,10 @@ class SessionSpec:
     output_channels: int = 0  # 0 = the model's; 1 averages a stereo model, 2 duplicates a mono one
     encoding: Encoding = Encoding.FLOAT32
     lookahead_frames: float | None = None  # None = exact decoding
-    max_lead_seconds: float | None = 2.0  # None = as fast as possible (no pacing)
+    max_lead_seconds: float | None = 2.0  # None = as fast as possible (no pacing by acks)
+    # Unpaced: the most audio sent beyond what the transport reports delivered (acks it on delivery), so a
+    # client that stops reading holds its session instead of growing the server's buffers. None = no limit.
+    delivery_lead_seconds: float | None = None
     client_name: str = ""
     context_frames: int = 0  # 0 = the engine's window
     reprime_frames: int = 0  # 0 = the engine's default
@@ -110,6 +113,13 @@ class FinishReason(Enum):
     ERROR = "error"
 
 
+class Failure(Enum):
+    """Why a session finished with ERROR, so the transport can pick the status."""
+
+    INTERNAL = "internal"  # a server bug
+    STALLED = "stalled"  # held at its lead with no ack (paced) or no read (unpaced) for the stall timeout
+
+
 @dataclass(frozen=True)
 class Finished:
     reason: FinishReason
@@ -119,6 +129,7 @@ class Finished:
     mean_step_ms: float
     message: str = ""
     stats: "SessionStats | None" = None
+    failure: Failure | None = None  # set when reason is ERROR
 
 
 Event = Started | AudioChunk | Notice | Finished

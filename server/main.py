@@ -16,17 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from musicgen.v1 import musicgen_pb2 as pb
-from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from musicgen_core import CheckpointError, MusicGen
 from musicgen_core.quantize import QUANTIZATIONS
 
 from .engine import Engine, EngineConfig, call_in_fresh_thread
-from .service import MusicGenService
+from .service import SERVICE_NAME, MusicGenService, add_to_server
 
 log = logging.getLogger("musicgen.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,7 +94,7 @@ async def start_server(engine: Engine, options: ServerOptions, warm_up: bool = F
     limits = [("grpc.max_receive_message_length", options.max_message_bytes),
               ("grpc.max_send_message_length", options.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=limits)
-    pb_grpc.add_MusicGenServicer_to_server(MusicGenService(engine, options.max_message_bytes), server)
+    add_to_server(MusicGenService(engine, options.max_message_bytes), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
@@ -138,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")
     parser.add_argument("--reprime-frames", type=int, help="frames kept at a re-prime (default 40%% of window)")
     parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument("--stall-timeout", type=float, default=EngineConfig.stall_timeout_seconds,
+                        help="end a session that waits at its lead this many seconds with no ack (paced) or no "
+                             "read (unpaced)")
     parser.add_argument("--token", help="require `authorization: Bearer TOKEN` on every call")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if not args.stall_timeout > 0:
+        raise ValueError(f"--stall-timeout must be > 0, got {args.stall_timeout}")
     # Loaded on a thread that ends (see call_in_fresh_thread): only the engine's thread keeps an OpenMP pool.
     model = await asyncio.to_thread(call_in_fresh_thread, MusicGen.from_pretrained, args.model, args.device,
                                     DTYPES[args.dtype], args.quantize,
@@ -153,7 +155,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
     engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, window_frames=args.context_frames,
-                                        reprime_frames=args.reprime_frames))
+                                        reprime_frames=args.reprime_frames, stall_timeout_seconds=args.stall_timeout))
     options = ServerOptions(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
                             token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key)
     running = await start_server(engine, options, warm_up=True)

@@ -4,24 +4,61 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
-from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
-from musicgen_core.streaming_codec import decoder_lookahead_samples
+from musicgen_core.quantize import is_quantized
 
 from . import convert
 from .engine import Engine, SessionHandle
-from .events import (Event, Finished, OrderError, ServerClosingError, SessionLimitError, SessionSpec, SpecError,
-                     Started)
+from .events import (Event, Failure, Finished, FinishReason, OrderError, ServerClosingError, SessionLimitError,
+                     SessionSpec, SpecError, Started)
 
 log = logging.getLogger("musicgen.server")
 
-_STOP = object()
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
+INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+FAILURE_STATUS = {Failure.INTERNAL: grpc.StatusCode.INTERNAL, Failure.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED}
+HALF_CLOSE_WAIT_SECONDS = 2.0  # after Finished, how long the call waits for the client to half-close
+
+
+class Undecodable:
+    """A request whose bytes did not parse. The deserializer returns it instead of raising, so the handler
+    answers INVALID_ARGUMENT (grpc itself would end the call with UNKNOWN, or stop reading a stream)."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.description = f"not a valid {type_name} ({error})"
+
+
+def tolerant_parser(message_type) -> Callable[[bytes], object]:
+    type_name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as error:  # DecodeError: corrupt wire format, bad UTF-8 in a string field, ...
+            return Undecodable(type_name, error)
+
+    return parse
+
+
+def add_to_server(service: "MusicGenService", server: grpc.aio.Server) -> None:
+    """Register the service with deserializers that never raise (see Undecodable)."""
+    handlers = {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            service.Session, request_deserializer=tolerant_parser(pb.SessionRequest),
+            response_serializer=pb.SessionEvent.SerializeToString),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=tolerant_parser(pb.GenerateRequest),
+            response_serializer=pb.SessionEvent.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, request_deserializer=tolerant_parser(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 class _Abort(Exception):
@@ -30,7 +67,7 @@ class _Abort(Exception):
         self.code, self.details = code, details
 
 
-class MusicGenService(pb_grpc.MusicGenServicer):
+class MusicGenService:
     def __init__(self, engine: Engine, max_message_bytes: int, version: str = "0.1.0"):
         self.engine = engine
         self.model = engine.model
@@ -39,9 +76,9 @@ class MusicGenService(pb_grpc.MusicGenServicer):
 
     # -- RPCs ---------------------------------------------------------------------------------------------
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         config, limits = self.model.config, self.engine.limits
-        exact = math.ceil(decoder_lookahead_samples(config.audio_encoder) / config.audio_encoder.hop_length)
+        exact = convert.exact_lookahead_frames(self.model)
         return pb.ModelInfo(
             model_name=config.name, sample_rate=config.sampling_rate, channels=config.audio_channels,
             frame_rate=config.frame_rate, num_codebooks=config.decoder.num_codebooks,
@@ -54,54 +91,87 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             max_audio_prompt_seconds=convert.MAX_AUDIO_PROMPT_SECONDS,
             default_chunk_frames=convert.DEFAULT_CHUNK_FRAMES, max_chunk_frames=convert.MAX_CHUNK_FRAMES,
             default_max_lead_seconds=convert.DEFAULT_LEAD_SECONDS, max_lead_seconds=convert.MAX_LEAD_SECONDS,
+            max_duration_seconds=convert.MAX_DURATION_SECONDS,
+            stall_timeout_seconds=self.engine.config.stall_timeout_seconds,
+            unpaced_lead_seconds=convert.UNPACED_LEAD_SECONDS,
             default_sampling=convert.sampling_to_pb(self.model.default_sampling()),
-            server_version=self.version, device=str(self.model.device), dtype=str(self.model.dtype))
+            server_version=self.version, device=str(self.model.device), dtype=self._dtype_name())
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.SessionEvent]:
+    async def Generate(self, request, context) -> AsyncIterator[pb.SessionEvent]:
+        if isinstance(request, Undecodable):
+            await self._reject(context, INVALID, f"request: {request.description}")
         spec = await self._spec(request.request, context, paced=False, field="request")
-        async for event in self._run(spec, request.request.return_codes, None, context):
+        async for event in self._run(spec, request.request.return_codes, None, context, "request"):
             yield event
 
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionEvent]:
-        try:
-            first = await request_iterator.__anext__()
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the stream ended before a start message")
-        if first.WhichOneof("request") != "start":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"the first message must be start, got {first.WhichOneof('request') or 'nothing'}")
-        spec = await self._spec(first.start, context, paced=True, field="start")
-        async for event in self._run(spec, first.start.return_codes, request_iterator, context):
+        start = await self._first_request(request_iterator, context)
+        spec = await self._spec(start, context, paced=True, field="start")
+        async for event in self._run(spec, start.return_codes, request_iterator, context, "start"):
             yield event
 
     # -- plumbing -----------------------------------------------------------------------------------------
+
+    def _dtype_name(self) -> str:
+        return "int8" if is_quantized(self.model.decoder) else str(self.model.dtype).removeprefix("torch.")
+
+    async def _reject(self, context, code: grpc.StatusCode, details: str, session_id: str = "-") -> None:
+        """End the call with a status; one log line, no traceback."""
+        log.info("session=%s event=rejected status=%s details=%r", session_id, code.name, details)
+        await context.abort(code, details)
+
+    async def _first_request(self, requests, context) -> pb.StartSession:
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            await self._reject(context, PRECONDITION, "request: the stream ended before a start message")
+        if isinstance(first, Undecodable):
+            await self._reject(context, INVALID, f"request: {first.description}")
+        kind = first.WhichOneof("request")
+        if kind is None:
+            await self._reject(context, INVALID, "request: empty message (no member of the oneof set)")
+        if kind != "start":
+            await self._reject(context, PRECONDITION, f"{kind}: the first message must be start")
+        return first.start
 
     async def _spec(self, start: pb.StartSession, context, paced: bool, field: str) -> SessionSpec:
         try:
             return await asyncio.to_thread(convert.spec_from_pb, self.model, start, paced=paced, field=field)
         except SpecError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await self._reject(context, INVALID, str(error))
 
-    async def _run(self, spec: SessionSpec, return_codes: bool, requests, context):
+    async def _open(self, spec: SessionSpec, sink: Callable[[Event], None], context, root: str) -> SessionHandle:
+        """Admit the session. The engine names StartSession's fields; `root` is where that message sits."""
+        try:
+            return self.engine.open_session(spec, sink)
+        except SessionLimitError as error:
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except ServerClosingError as error:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, str(error))
+        except SpecError as error:
+            await self._reject(context, INVALID, f"{root}.{error}")
+
+    async def _run(self, spec: SessionSpec, return_codes: bool, requests, context, root: str):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def sink(event: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        try:
-            handle = self.engine.open_session(spec, sink)
-        except SessionLimitError as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        except ServerClosingError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        except SpecError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        handle = await self._open(spec, sink, context, root)
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,
                  spec.text, spec.total_frames, spec.max_lead_seconds is not None)
+        paced = spec.max_lead_seconds is not None
         progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged
-        reader = (asyncio.create_task(self._read(requests, handle, queue, progress))
+        reader = (asyncio.create_task(self._read(requests, handle, queue, progress, paced))
                   if requests is not None else None)
+
+        def on_done(_) -> None:  # the call ended however it ended: free the session even if this generator
+            handle.close()       # is left suspended (grpc does not close a response generator it abandons)
+            if reader is not None:
+                reader.cancel()
+
+        context.add_done_callback(on_done)
         started: Started | None = None
         try:
             while True:
@@ -110,52 +180,66 @@ class MusicGenService(pb_grpc.MusicGenServicer):
                     if started is not None:  # the client sees the totals, then the status
                         handle.close()
                         yield convert.event_to_pb(handle.error_totals(item.details), spec, started, return_codes)
-                    await context.abort(item.code, item.details)
-                if item is _STOP:
-                    continue
+                    await self._reject(context, item.code, item.details, handle.id)
                 if isinstance(item, Started):
                     started = item
                 message = convert.event_to_pb(item, spec, started, return_codes)
                 if message.WhichOneof("event") == "audio":
                     progress["sent"] += message.audio.sample_count
                 yield message
+                if not paced and message.WhichOneof("event") == "audio":
+                    handle.ack(progress["sent"])  # delivered: unpaced sessions are held by what was read
                 if isinstance(item, Finished):
-                    if reader is not None:  # let the client half-close first, so its last writes are not lost
-                        await asyncio.wait({reader}, timeout=2.0)
-                    log.info("session=%s event=finished reason=%s frames=%d samples=%d steps=%d mean_step_ms=%.2f",
-                             handle.id, item.reason.value, item.total_frames, item.total_samples, item.steps,
-                             item.mean_step_ms)
+                    await self._end(item, handle, reader, context)
                     return
         finally:
             if reader is not None:
                 reader.cancel()
             handle.close()  # frees the session at once if it is still running (cancel, disconnect, abort)
 
-    async def _read(self, requests, handle: SessionHandle, queue: asyncio.Queue, progress: dict) -> None:
-        """Apply steering messages as they arrive; a bad one ends the call with its status."""
+    async def _end(self, finished: Finished, handle: SessionHandle, reader, context) -> None:
+        log.info("session=%s event=finished reason=%s frames=%d samples=%d steps=%d mean_step_ms=%.2f",
+                 handle.id, finished.reason.value, finished.total_frames, finished.total_samples, finished.steps,
+                 finished.mean_step_ms)
+        if finished.reason is FinishReason.ERROR:
+            await self._reject(context, FAILURE_STATUS[finished.failure or Failure.INTERNAL], finished.message,
+                               handle.id)
+        if reader is not None:  # let the client half-close first, so its last writes are not lost
+            await asyncio.wait({reader}, timeout=HALF_CLOSE_WAIT_SECONDS)
+
+    async def _read(self, requests, handle: SessionHandle, queue: asyncio.Queue, progress: dict,
+                    paced: bool) -> None:
+        """Apply steering messages as they arrive; a bad one ends the call with its status. After stop,
+        everything is read and ignored (the session is ending; the half-close is still awaited)."""
         parts: list = []
+        stopped = False
         try:
             async for message in requests:
+                if stopped:
+                    continue
+                if isinstance(message, Undecodable):
+                    raise _Abort(INVALID, f"request: {message.description}")
                 kind = message.WhichOneof("request")
                 if kind == "start":
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "start: the session has already started")
+                    raise _Abort(PRECONDITION, "start: the session has already started")
                 if kind is None:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "request: empty message (no field of the oneof set)")
-                await self._steer(kind, message, handle, parts, progress)
+                    raise _Abort(INVALID, "request: empty message (no member of the oneof set)")
+                await self._steer(kind, message, handle, parts, progress, paced)
+                stopped = kind == "stop"
             handle.stop()  # half-close: the client has nothing more to say, so the session ends
         except _Abort as abort:
             queue.put_nowait(abort)
         except SpecError as error:
-            queue.put_nowait(_Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)))
+            queue.put_nowait(_Abort(INVALID, str(error)))
         except OrderError as error:
-            queue.put_nowait(_Abort(grpc.StatusCode.FAILED_PRECONDITION, str(error)))
+            queue.put_nowait(_Abort(PRECONDITION, str(error)))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the client's stream broke: nothing more to read, the session goes on
             log.debug("session=%s request stream ended: %s", handle.id, error)
 
     async def _steer(self, kind: str, message: pb.SessionRequest, handle: SessionHandle, parts: list,
-                     progress: dict) -> None:
+                     progress: dict, paced: bool) -> None:
         if kind == "ack":
             played = message.ack.samples_played
             if played < progress["acked"]:
@@ -163,7 +247,8 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             if played > progress["sent"]:
                 raise SpecError("ack.samples_played", f"{played} exceeds the {progress['sent']} samples sent")
             progress["acked"] = played
-            handle.ack(played)
+            if paced:  # unpaced sessions are acked by delivery (see _run); the client's acks are only checked
+                handle.ack(played)
         elif kind == "pause":
             handle.pause()
         elif kind == "resume":
@@ -178,27 +263,36 @@ class MusicGenService(pb_grpc.MusicGenServicer):
             params = None
             if change.HasField("sampling"):
                 current = handle.params
-                params = convert.sampling_from_pb(change.sampling, current, "set_prompt.sampling")
+                params = convert.sampling_from_pb(self.model, change.sampling, current, "set_prompt.sampling")
                 if params.uses_guidance != current.uses_guidance:
                     raise SpecError("set_prompt.sampling.guidance_scale",
                                     "cannot switch guidance on or off mid-session (<= 1 vs > 1)")
             handle.set_prompt(text, params)
         elif kind == "append_audio":
-            append = message.append_audio
-            if not append.HasField("audio"):
-                raise SpecError("append_audio.audio", "missing")
-            audio, rate = convert.audio_from_pb(append.audio, "append_audio.audio")
-            if parts and (parts[0][1] != rate or parts[0][0].shape[0] != audio.shape[0]):
-                raise SpecError("append_audio.audio", "every part of one append must share sample_rate and channels")
-            parts.append((audio, rate))
-            total = sum(p[0].shape[1] for p in parts)
-            if total / rate > convert.MAX_AUDIO_PROMPT_SECONDS:
-                parts.clear()
-                raise SpecError("append_audio.audio.pcm", f"appended audio exceeds "
-                                                          f"{convert.MAX_AUDIO_PROMPT_SECONDS:g} s")
-            if not append.partial:
-                joined = np.concatenate([p[0] for p in parts], axis=1)
-                parts.clear()
-                model_audio = await asyncio.to_thread(convert.audio_for_model, self.model, joined, rate,
-                                                      "append_audio.audio")
-                handle.append_audio(model_audio, append.replace_context)
+            await self._append(message.append_audio, handle, parts)
+
+    async def _append(self, append: pb.AppendAudio, handle: SessionHandle, parts: list) -> None:
+        """Buffer the parts of one append (one format for all), then hand the joined audio to the session."""
+        if not append.HasField("audio"):
+            raise SpecError("append_audio.audio", "missing")
+        audio, rate = convert.audio_from_pb(append.audio, "append_audio.audio")
+        if parts:
+            first = parts[0]
+            for name, value in (("encoding", append.audio.encoding), ("sample_rate", rate),
+                                ("channels", audio.shape[0])):
+                if first[name] != value:
+                    parts.clear()
+                    raise SpecError(f"append_audio.audio.{name}", f"every part of one append must share it: "
+                                                                  f"{value} after {first[name]}")
+        parts.append({"audio": audio, "encoding": append.audio.encoding, "sample_rate": rate,
+                      "channels": audio.shape[0]})
+        total = sum(p["audio"].shape[1] for p in parts)
+        if total / rate > convert.MAX_AUDIO_PROMPT_SECONDS:
+            parts.clear()
+            raise SpecError("append_audio.audio.pcm", f"appended audio exceeds {convert.MAX_AUDIO_PROMPT_SECONDS:g} s")
+        if not append.partial:
+            joined = np.concatenate([p["audio"] for p in parts], axis=1)
+            parts.clear()
+            model_audio = await asyncio.to_thread(convert.audio_for_model, self.model, joined, rate,
+                                                  "append_audio.audio")
+            handle.append_audio(model_audio, append.replace_context)

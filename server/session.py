@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 
 from musicgen_core import MusicGen, SamplingParams, SequenceState, TextConditioning
-from musicgen_core.streaming_codec import (algorithmic_latency, decode_step, flush, init_decoder_state,
-                                           split_channels)
+from musicgen_core.streaming_codec import (StreamLatency, algorithmic_latency, decode_step, final_output_count,
+                                           flush, init_decoder_state, split_channels)
 
-from .events import (AudioChunk, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec, SessionStats,
-                     Started)
+from .events import (AudioChunk, Event, Failure, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
+                     SessionStats, Started)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Revision:
     params: SamplingParams
 
 
+_LAG_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # codec -> {format: lags}
+
+
 class AudioOut:
     """Frames -> PCM at the output rate: the streaming EnCodec decoder plus a streaming resampler. soxr's
     stream removes its own delay, so output sample n is input time n / output_rate."""
@@ -56,16 +60,55 @@ class AudioOut:
         self.model_rate = model.config.sampling_rate
         self.output_rate = output_rate or self.model_rate
         self.samples_per_frame = model.config.audio_encoder.hop_length * self.output_rate // self.model_rate
-        self.resampler = None
-        if self.output_rate != self.model_rate:
-            import soxr
-            self.resampler = soxr.ResampleStream(self.model_rate, self.output_rate, self.channels,
-                                                 dtype="float32", quality="HQ")
+        self.resampler = self._new_resampler()
 
-    @property
-    def resampler_delay(self) -> int:
-        """Output samples the resampler holds back before emitting (0 at the model's rate)."""
-        return 0 if self.resampler is None else math.ceil(self.resampler.delay())
+    def output_lag_frames(self, latency: StreamLatency, chunk_frames: int, prefix_frames: int = 0,
+                          pushes: int = 64) -> tuple[int, int]:
+        """-> (path lag, send lag) in whole frames, measured by running the session's push pattern through the
+        codec's sample arithmetic and a fresh resampler of the same kind (soxr's hold depends on the block's
+        phase: 170 to 1270 samples at 44.1 kHz; its delay() reads 0 until it has seen input).
+
+        path lag: the most frames, right after a push, given to the codec but not final at the output.
+        The session's first push carries chunk_frames + that many, so each push makes one whole chunk final.
+        send lag: with that first push, the most frames given to the codec but not yet sendable in whole
+        chunks; with the codebook delay, this is the latency the session reports. prefix_frames: an audio
+        prompt given to the codec first (its audio is never sent). Memoized per codec: ~10-20 ms to compute."""
+        key = (self.output_rate, self.channels, latency, chunk_frames, prefix_frames, pushes)
+        memo = _LAG_MEMO.setdefault(self.model.codec, {})
+        if key not in memo:
+            memo[key] = self._measure_lags(latency, chunk_frames, prefix_frames, pushes)
+        return memo[key]
+
+    def _measure_lags(self, latency: StreamLatency, chunk_frames: int, prefix_frames: int,
+                      pushes: int) -> tuple[int, int]:
+        path = self._lags(latency, prefix_frames, chunk_frames, math.ceil(latency.codec_lookahead_samples /
+                                                                          latency.hop_length), pushes)[0]
+        return path, self._lags(latency, prefix_frames, chunk_frames, path, pushes)[1]
+
+    def _lags(self, latency: StreamLatency, prefix: int, chunk: int, extra: int, pushes: int) -> tuple[int, int]:
+        hop, layers, spf = latency.hop_length, self.model.codec.decoder.layers, self.samples_per_frame
+        probe = self._new_resampler()
+        frames_in = final_before = out = 0
+        path = send = 0
+        for index in range(-1 if prefix else 0, pushes):
+            frames_in += prefix if index < 0 else chunk + extra if index == 0 else chunk
+            final = (final_output_count(layers, frames_in) if latency.exact
+                     else max(0, frames_in * hop - latency.codec_lookahead_samples))
+            new = np.zeros((final - final_before, self.channels), dtype=np.float32)
+            final_before = final
+            out += new.shape[0] if probe is None else probe.resample_chunk(new).shape[0]
+            if index >= 0:
+                generated_in, generated_out = frames_in - prefix, max(0, out // spf - prefix)
+                path = max(path, generated_in - generated_out)
+                send = max(send, generated_in - generated_out // chunk * chunk)
+        return path, send
+
+    def _new_resampler(self):
+        if self.output_rate == self.model_rate:
+            return None
+        import soxr
+        return soxr.ResampleStream(self.model_rate, self.output_rate, self.channels, dtype="float32",
+                                   quality="HQ")
 
     @torch.inference_mode()
     def push(self, frames: torch.Tensor) -> np.ndarray:
@@ -127,13 +170,15 @@ class Session:
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved, not yet in a chunk
         self.unsent_pcm = np.zeros((model.config.audio_channels, 0), dtype=np.float32)
         self.codec_pending: list[torch.Tensor] = []  # resolved frames not yet given to the codec
-        self.codec_frames_seen = 0  # frames given to the codec so far (audio prompt included)
-        self.held_frames = 0  # frames the codec needs past a frame before that frame's audio is final
+        self.lag_frames = 0  # frames the output path (codec, resampler) needs past a frame before its audio is final
+        self.generated_pushed = 0  # generated frames given to the codec so far (the audio prompt's not counted)
         self.skip_samples = 0  # audio-prompt samples the codec will produce that the client already has
         self.frames_sent = 0
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
         self.sequence = 0
-        self.acked_samples = 0
+        self.acked_samples = 0  # paced: the client's Ack; unpaced: what the transport has delivered
+        self.last_ack = time.monotonic()
+        self.held_since: float | None = None  # when the session last began to wait at its lead
         self.paused = spec.start_paused
         self.finished = False
         self.stats = SessionStats()
@@ -148,26 +193,27 @@ class Session:
     def begin(self) -> None:
         """Encode the conditioning and any audio prompt, warm the codec with the prompt, send Started."""
         spec, config = self.spec, self.model.config
-        prompt_codes = None
+        prompt_codes, prefix = None, 0
         if spec.audio_prompt is not None:
             prompt_codes = self.model.encode_audio(torch.from_numpy(spec.audio_prompt)).cpu()
             self.history = prompt_codes[:, -self.limits.window_frames:]
         self.audio = AudioOut(self.model, spec.lookahead_frames, spec.output_rate)
         if prompt_codes is not None:  # the client has this audio: decode it only to warm the codec state
-            self.skip_samples = prompt_codes.shape[1] * self.audio.samples_per_frame
+            prefix = prompt_codes.shape[1]
+            self.skip_samples = prefix * self.audio.samples_per_frame
             self._take_pcm(self.audio.push(prompt_codes))
-            self.codec_frames_seen = prompt_codes.shape[1]
             prompt_codes = prompt_codes[:, -(self.limits.window_frames - 1):]
         self._start_sequence(prompt_codes)
         latency = algorithmic_latency(config.decoder, config.audio_encoder, spec.lookahead_frames)
         hop = config.audio_encoder.hop_length
         held_frames = math.ceil(latency.codec_lookahead_samples / hop)  # chunks are whole frames
-        self.held_frames = held_frames
+        self.lag_frames, lag_frames = self.audio.output_lag_frames(latency, spec.chunk_frames, prefix)
+        spf = self.audio.samples_per_frame
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
             encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
-            latency_samples=(latency.delay_steps + held_frames) * self.audio.samples_per_frame
-            + self.audio.resampler_delay, latency_resampler_samples=self.audio.resampler_delay,
+            latency_samples=(latency.delay_steps + lag_frames) * spf,
+            latency_resampler_samples=(lag_frames - held_frames) * spf,
             latency_delay_steps=latency.delay_steps, latency_codec_samples=held_frames * hop,
             context_frames=self.limits.window_frames, reprime_frames=self.limits.reprime_frames,
             prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1], exact_decoding=latency.exact,
@@ -200,10 +246,32 @@ class Session:
 
     def _over_lead(self) -> bool:
         """Paced sessions keep the audio sent at most `max_lead_seconds` ahead of the acks: they neither step
-        nor send another chunk while that far ahead (a chunk sent just under the lead may pass it by one)."""
-        if self.spec.max_lead_seconds is None:
+        nor send another chunk while that far ahead (a chunk sent just under the lead may pass it by one).
+        Unpaced ones are held the same way by what the transport delivered, at `delivery_lead_seconds`."""
+        lead = self.spec.max_lead_seconds
+        if lead is None:
+            lead = self.spec.delivery_lead_seconds
+        if lead is None:
             return False
-        return self.emitted_samples - self.acked_samples >= self.spec.max_lead_seconds * self.audio.output_rate
+        return self.emitted_samples - self.acked_samples >= lead * self.audio.output_rate
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """True when the session has waited at its lead for `timeout` seconds with no ack (or, unpaced, no
+        delivery) since it began to wait: its client is gone without a cancel, or does not read or ack."""
+        if self.finished or self.paused or self.audio is None or not self._over_lead():
+            self.held_since = None
+            return False
+        if self.held_since is None:
+            self.held_since = now
+        return now - max(self.held_since, self.last_ack) >= timeout
+
+    def stall(self, timeout: float) -> None:
+        if self.spec.max_lead_seconds is None:
+            message = f"session: the client read no audio for {timeout:g} s"
+        else:
+            message = (f"ack: no Ack for {timeout:g} s while the session waited at its lead; a paced client "
+                       "must ack as it plays, or pause")
+        self.finish(FinishReason.ERROR, message, Failure.STALLED)
 
     def after_step(self, completed_frame: int | None, step_seconds: float, batch: int = 1) -> None:
         self.stats.steps += 1
@@ -223,9 +291,9 @@ class Session:
         self.history = torch.cat([self.history, frame[:, None]], dim=1)[:, -self.limits.window_frames:]
         self.unsent_codes = torch.cat([self.unsent_codes, frame[:, None]], dim=1)
         self.codec_pending.append(frame)
-        # The first chunk needs held_frames more frames before any of its audio is final: give them to the codec
+        # The first chunk needs lag_frames more frames before any of its audio is final: give them to the codec
         # in one call with it (each call costs the codec a pass over its weights: ~10 ms less to first audio).
-        enough = self.spec.chunk_frames + max(0, self.held_frames - self.codec_frames_seen)
+        enough = self.spec.chunk_frames + max(0, self.lag_frames - self.generated_pushed)
         if len(self.codec_pending) >= enough:
             self._push_codec()
             self._send_chunks(final=False)
@@ -239,7 +307,7 @@ class Session:
         started = time.perf_counter()
         self._take_pcm(self.audio.push(torch.stack(self.codec_pending, dim=1)))
         self.stats.decode_seconds += time.perf_counter() - started
-        self.codec_frames_seen += len(self.codec_pending)
+        self.generated_pushed += len(self.codec_pending)
         self.codec_pending = []
 
     def _take_pcm(self, pcm: np.ndarray) -> None:
@@ -336,6 +404,7 @@ class Session:
 
     def ack(self, samples_played: int) -> None:
         self.acked_samples = max(self.acked_samples, samples_played)
+        self.last_ack = time.monotonic()
         if self.audio is not None and not self.finished:
             self._send_chunks(final=False)  # chunks held back at the lead may go now
 
@@ -354,7 +423,7 @@ class Session:
     def _notice(self, kind: NoticeKind, frame: int, message: str) -> None:
         self.sink(Notice(kind, frame, message, self.revisions[-1].number))
 
-    def finish(self, reason: FinishReason, message: str = "") -> None:
+    def finish(self, reason: FinishReason, message: str = "", failure: Failure | None = None) -> None:
         """Send what is left (the codec's tail, for a clean end), then Finished. Idempotent."""
         if self.finished:
             return
@@ -365,8 +434,10 @@ class Session:
         self.finished = True
         self.stats.wall_seconds = time.monotonic() - self.created
         mean = 1000 * self.stats.step_seconds / max(self.stats.steps, 1)
+        if reason is FinishReason.ERROR and failure is None:
+            failure = Failure.INTERNAL
         self.sink(Finished(reason, self.frames_sent, self.emitted_samples, self.stats.steps, mean, message,
-                           self.stats))
+                           self.stats, failure))
         self.release()
 
     def release(self) -> None:

@@ -80,7 +80,16 @@ START_CASES = [
     ("output_channels", pb.StartSession(output=pb.AudioFormat(channels=3)), "start.output.channels"),
     ("lead", pb.StartSession(max_lead_seconds=1e9), "start.max_lead_seconds"),
     ("text_over_limit", pb.StartSession(prompt=TOO_LONG), "start.prompt"),
-    ("context", pb.StartSession(context_frames=100000), "context_frames"),
+    ("context", pb.StartSession(context_frames=100000), "start.context_frames"),
+    ("reprime_keep", pb.StartSession(context_frames=10, reprime_keep_frames=10), "start.reprime_keep_frames"),
+    ("top_k_wrapped_minus_one", pb.StartSession(sampling=pb.Sampling(top_k=4294967295)), "start.sampling.top_k"),
+    ("top_k_above_codebook", pb.StartSession(sampling=pb.Sampling(top_k=100000)), "start.sampling.top_k"),
+    ("seed_at_2_63", pb.StartSession(sampling=pb.Sampling(seed=2 ** 63)), "start.sampling.seed"),
+    ("lookahead_above_exact", pb.StartSession(decoder_lookahead_frames=17), "start.decoder_lookahead_frames"),
+    ("duration_frames_over_a_day", pb.StartSession(duration_frames=10 ** 12), "start.duration_frames"),
+    ("duration_seconds_over_a_day", pb.StartSession(duration_seconds=86400.5), "start.duration_seconds"),
+    ("output_encoding", pb.StartSession(output=pb.AudioFormat(encoding=7)), "start.output.encoding"),
+    ("client_name", pb.StartSession(client_name="x" * 129), "start.client_name"),
     ("odd_pcm", pb.StartSession(audio_prompt=pb.AudioData(pcm=b"\x00" * 7, sample_rate=32000, channels=1,
                                                           encoding=pb.AUDIO_ENCODING_FLOAT32_LE)),
      "start.audio_prompt.pcm"),
@@ -95,10 +104,35 @@ START_CASES = [
 ]
 
 
+def field_path_exists(path: str, root) -> bool:
+    """Does `path` ("start.sampling.top_k") name a field (or, last, a oneof) of the message `root`?"""
+    descriptor = root.DESCRIPTOR
+    for index, name in enumerate(path.split(".")):
+        last = index == len(path.split(".")) - 1
+        if last and name in descriptor.oneofs_by_name:
+            return True
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            return False
+        if not last:
+            if field.message_type is None:
+                return False
+            descriptor = field.message_type
+    return True
+
+
+def assert_names_its_field(details: str, expected: str, root=pb.SessionRequest) -> None:
+    """One rule for every status message: '<path from the request root>: <reason>'."""
+    path, _, reason = details.partition(": ")
+    assert path == expected and reason, details
+    assert field_path_exists(path, root), f"{path} is not a field path of {root.DESCRIPTOR.full_name}"
+
+
 @pytest.mark.parametrize("start,field", [(c[1], c[2]) for c in START_CASES], ids=[c[0] for c in START_CASES])
 def test_bad_start_is_invalid_argument_naming_the_field(server, bystander, start, field):
     error = call_status(server, [pb.SessionRequest(start=start)])
-    assert error.code() == INVALID and field in error.details()
+    assert error.code() == INVALID
+    assert_names_its_field(error.details(), field)
 
 
 STEER_CASES = [
@@ -116,16 +150,24 @@ STEER_CASES = [
      INVALID, "set_prompt.sampling.top_p"),
     ("guidance_switch", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(guidance_scale=1.0))),
      INVALID, "set_prompt.sampling.guidance_scale"),
-    ("second_start", GOOD_START, PRECONDITION, "already started"),
-    ("empty_message", pb.SessionRequest(), INVALID, "empty message"),
+    ("second_start", GOOD_START, PRECONDITION, "start"),
+    ("empty_message", pb.SessionRequest(), INVALID, "request"),
+    ("mixed_rates", [pb.SessionRequest(append_audio=pb.AppendAudio(audio=pcm_message(np.zeros(64)), partial=True)),
+                     pb.SessionRequest(append_audio=pb.AppendAudio(audio=pcm_message(np.zeros(64), rate=16000)))],
+     INVALID, "append_audio.audio.sample_rate"),
+    ("no_audio", pb.SessionRequest(append_audio=pb.AppendAudio()), INVALID, "append_audio.audio"),
+    ("top_k_wrapped", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(top_k=4294967295))),
+     INVALID, "set_prompt.sampling.top_k"),
 ]
 
 
 @pytest.mark.parametrize("request_,code,text", [(c[1], c[2], c[3]) for c in STEER_CASES],
                          ids=[c[0] for c in STEER_CASES])
 def test_bad_message_mid_session_ends_it_with_its_status(server, bystander, request_, code, text):
-    error = call_status(server, [start_request("warm lofi beat", max_lead_seconds=0.1), request_])
-    assert error.code() == code and text in error.details()
+    requests = request_ if isinstance(request_, list) else [request_]
+    error = call_status(server, [start_request("warm lofi beat", max_lead_seconds=0.1), *requests])
+    assert error.code() == code
+    assert_names_its_field(error.details(), text)
 
 
 def test_bad_message_mid_session_first_sends_finished_with_totals(server):
@@ -143,12 +185,21 @@ def test_bad_message_mid_session_first_sends_finished_with_totals(server):
 def test_first_message_must_be_start(server, bystander):
     error = call_status(server, [pb.SessionRequest(ack=pb.Ack(samples_played=0))])
     assert error.code() == PRECONDITION and "first message must be start" in error.details()
+    assert_names_its_field(error.details(), "ack")  # the member sent
 
 
 def test_generate_without_duration_is_invalid(server):
     with pytest.raises(grpc.RpcError) as error:
         list(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(prompt="x"))))
-    assert error.value.code() == INVALID and "duration" in error.value.details()
+    assert error.value.code() == INVALID
+    assert_names_its_field(error.value.details(), "request.duration", root=pb.GenerateRequest)
+
+
+def test_generate_names_start_fields_under_request(server):
+    with pytest.raises(grpc.RpcError) as error:
+        list(server.stub().Generate(pb.GenerateRequest(request=pb.StartSession(duration_frames=5,
+                                                                               context_frames=100000))))
+    assert_names_its_field(error.value.details(), "request.context_frames", root=pb.GenerateRequest)
 
 
 def test_oversized_message_is_refused_by_grpc(server, bystander):
@@ -240,5 +291,5 @@ def test_ack_must_not_exceed_what_was_sent_or_decrease(server, played, text):
                 end = event.audio.start_sample + event.audio.sample_count
                 queue.send(pb.SessionRequest(ack=pb.Ack(samples_played=end)))
                 queue.send(pb.SessionRequest(ack=pb.Ack(samples_played=end - 1 if played < 0 else played)))
-    assert error.value.code() == INVALID and "ack.samples_played" in error.value.details()
-    assert text in error.value.details()
+    assert error.value.code() == INVALID and text in error.value.details()
+    assert_names_its_field(error.value.details(), "ack.samples_played")
