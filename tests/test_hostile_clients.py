@@ -212,4 +212,4 @@ def test_decoder_lookahead_above_the_exact_value_is_refused(server):
     assert error.details() == f"start.decoder_lookahead_frames: must be in [0, {exact}] (the exact value), got {exact + 1}"
     events, error = raw_session(server, [start_request("x", decoder_lookahead_frames=exact, unpaced=True,
                                                        duration_frames=2).SerializeToString()])
-    assert error is None and events[-1].finished.reason == pb.FINISH_REASON_COMPLETED
+    assert error is None and events[0].started.decoder_lookahead_frames == exact
