@@ -146,3 +146,35 @@ def test_warm_up_runs_a_session_to_its_end_and_changes_nothing_after(model):
     finally:
         warmed.shutdown(5)
         cold.shutdown(5)
+
+
+def run_until_finished(engine: Engine, events: list, seconds: float = 30.0) -> Finished:
+    engine.start()
+    try:
+        deadline = __import__("time").monotonic() + seconds
+        while not any(isinstance(e, Finished) for e in events):
+            assert __import__("time").monotonic() < deadline, "the session never finished"
+            __import__("time").sleep(0.01)
+    finally:
+        engine.shutdown(1)
+    return next(e for e in events if isinstance(e, Finished))
+
+
+def test_an_unpaced_session_whose_audio_is_not_delivered_is_held_then_ended(model):
+    """The transport acks unpaced sessions on delivery: one whose client reads nothing stops at its delivery
+    lead instead of buffering without bound, and ends with STALLED after the stall timeout."""
+    from server.events import Failure
+    engine, events = Engine(model, EngineConfig(stall_timeout_seconds=0.3)), []
+    engine.open_session(spec(model, max_lead_seconds=None, delivery_lead_seconds=0.5, chunk_frames=5), events.append)
+    finished = run_until_finished(engine, events)
+    assert finished.reason is FinishReason.ERROR and finished.failure is Failure.STALLED
+    sent = sum(e.pcm.shape[1] for e in events if isinstance(e, AudioChunk))
+    rate = model.config.sampling_rate
+    assert 0.5 * rate <= sent < 0.5 * rate + 5 * model.config.audio_encoder.hop_length  # the lead plus one chunk
+    assert engine.active_sessions == 0
+
+
+def test_an_unpaced_session_without_a_delivery_lead_never_stalls(model):
+    engine, events = Engine(model, EngineConfig(stall_timeout_seconds=0.05)), []
+    engine.open_session(spec(model, max_lead_seconds=None, total_frames=120), events.append)
+    assert run_until_finished(engine, events).reason is FinishReason.COMPLETED
