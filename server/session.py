@@ -267,7 +267,7 @@ class Session:
 
     def stall(self, timeout: float) -> None:
         if self.spec.max_lead_seconds is None:
-            message = f"session: the client read no audio for {timeout:g} s"
+            message = f"the client read none of the audio sent for {timeout:g} s"  # names no request field
         else:
             message = (f"ack: no Ack for {timeout:g} s while the session waited at its lead; a paced client "
                        "must ack as it plays, or pause")
