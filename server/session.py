@@ -207,13 +207,13 @@ class Session:
         latency = algorithmic_latency(config.decoder, config.audio_encoder, spec.lookahead_frames)
         hop = config.audio_encoder.hop_length
         held_frames = math.ceil(latency.codec_lookahead_samples / hop)  # chunks are whole frames
-        self.lag_frames, lag_frames = self.audio.output_lag_frames(latency, spec.chunk_frames, prefix)
+        self.lag_frames, send_lag = self.audio.output_lag_frames(latency, spec.chunk_frames, prefix)
         spf = self.audio.samples_per_frame
         self.sink(Started(
             session_id=self.id, sample_rate=self.audio.output_rate, channels=config.audio_channels,
             encoding=spec.encoding, frame_rate=config.frame_rate, samples_per_frame=hop,
-            latency_samples=(latency.delay_steps + lag_frames) * spf,
-            latency_resampler_samples=(lag_frames - held_frames) * spf,
+            latency_samples=(latency.delay_steps + send_lag) * spf,
+            latency_resampler_samples=(send_lag - held_frames) * spf,
             latency_delay_steps=latency.delay_steps, latency_codec_samples=held_frames * hop,
             context_frames=self.limits.window_frames, reprime_frames=self.limits.reprime_frames,
             prompt_frames=0 if prompt_codes is None else prompt_codes.shape[1], exact_decoding=latency.exact,
