@@ -260,7 +260,8 @@ def prefill(args) -> None:
 def zerofill(args) -> None:
     from musicgen_core import MusicGen
     model = MusicGen.from_pretrained(args.model, quantize="int8")
-    capacity = 500 + 1 + model.config.decoder.max_delay  # a 10 s session
+    from musicgen_core.delay import columns_for
+    capacity = columns_for(500, model.config.decoder.delays)  # a 10 s session
     for zeroed in (True, False, True, False):
         seconds = _timed(lambda: model.decoder.allocate_cache(2, capacity, zeroed=zeroed))
         print(f"KV cache for a 10 s session, zeroed={zeroed!s:5s}: {1000 * seconds:6.1f} ms")

@@ -4,10 +4,10 @@ Model math and per-sequence state only: no I/O beyond reading checkpoints, no ne
 """
 
 from .config import CheckpointError, MusicGenConfig
-from .generation import SequenceState, StepResult, decode_step
+from .generation import SequenceState, StepResult, step_sequences
 from .model import GenerationOutput, MusicGen, TextConditioning
 from .sampling import SamplingParams
 from .tokenizer import PromptTooLongError
 
 __all__ = ["CheckpointError", "GenerationOutput", "MusicGen", "MusicGenConfig", "PromptTooLongError",
-           "SamplingParams", "SequenceState", "StepResult", "TextConditioning", "decode_step"]
+           "SamplingParams", "SequenceState", "StepResult", "TextConditioning", "step_sequences"]

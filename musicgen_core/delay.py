@@ -1,5 +1,8 @@
 """MusicGen's delay pattern: codebook k of frame f sits in decoder column f + 1 + delay(k).
 
+This module is the one owner of that arithmetic: which frame a column completes, which frames a column
+touches, how many frames fit in a number of decoder positions, how many columns a number of frames needs.
+
 Column 0 is the BOS column. A codebook's columns before its first frame, and (for a bounded sequence) past
 its last frame, hold the pad id (= BOS id = vocab size); the decoder reads those as input, exactly as
 transformers' `build_delay_pattern_mask` lays them out. Mono delays are 0,1,2,3; interleaved stereo codebooks
@@ -17,6 +20,17 @@ TO_GENERATE = -1
 
 def column_of(frame: int, delay: int) -> int:
     return frame + 1 + delay
+
+
+def columns_for(frames: int, delays: list[int]) -> int:
+    """Decoder positions (columns, BOS included) that `frames` whole frames need."""
+    return column_of(frames, max(delays))
+
+
+def max_frames(positions: int, delays: list[int]) -> int:
+    """Whole frames that fit in `positions` decoder positions: the last frame's last codebook needs the last
+    column, which must stay below the position limit."""
+    return positions - 1 - max(delays)
 
 
 def build_delayed(frames: torch.Tensor, delays: list[int], pad_id: int, columns: int | None = None,
@@ -68,11 +82,20 @@ class DelayGrid:
     def finished(self) -> bool:
         if self.total_frames is None:
             return False
-        return self.next_column > self.total_frames + max(self.delays)
+        return self.next_column > self.total_frames + self.max_delay
 
     @property
     def capacity(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    def first_frame_of_next_column(self) -> int:
+        """The first frame the next column touches (its last codebook; a prompt frame is never touched): a
+        change applied from the next step leaves every frame before this one as it was."""
+        return max(self.prompt_frames, self.next_column - 1 - self.max_delay)
 
     def place(self, sampled: torch.Tensor) -> torch.Tensor:
         """Write sampled tokens (codebooks,) into the free cells of `next_column`, keep forced ones; advance.
@@ -87,7 +110,7 @@ class DelayGrid:
 
     def completed_frame(self) -> int | None:
         """Index of the frame the last placed column completed (its last codebook), if any."""
-        frame = self.next_column - 1 - 1 - max(self.delays)
+        frame = self.next_column - 1 - 1 - self.max_delay
         if frame < 0 or (self.total_frames is not None and frame >= self.total_frames):
             return None
         return frame

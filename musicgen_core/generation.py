@@ -2,7 +2,8 @@
 
 A `SequenceState` is everything one sequence (one server session) needs between steps: its delay grid, its
 self-attention cache, its cross-attention keys/values, its sampling parameters and its own random generator.
-`decode_step` advances any set of them together; sequences may join or leave between calls.
+`step_sequences` advances any set of them together by one decoder step (one column each); sequences may join
+or leave between calls. (The codec's own step is `streaming_codec.decode_step`.)
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ class SequenceState:
 class StepResult:
     column: torch.Tensor  # (codebooks,) the column just generated, delay layout
     column_index: int
-    completed_frame: int | None  # frame whose last codebook this column holds
+    completed_frame: int | None  # frame whose last codebook this column holds (prompt frames included)
+    completed_codes: torch.Tensor | None  # (codebooks,) that frame's codes, aligned; None with no frame
 
 
-def decode_step(decoder: MusicgenDecoder, states: list[SequenceState], graphs=None) -> list[StepResult]:
+def step_sequences(decoder: MusicgenDecoder, states: list[SequenceState], graphs=None) -> list[StepResult]:
     """Advance every state by one column. States reading the same number of columns share one forward
     (the usual case: one column each); a state still to prefill its prompt runs in its own group.
     `graphs` (a cuda_graphs.GraphCache) replays a captured step when the same set of states repeats."""
@@ -51,7 +53,7 @@ def decode_step(decoder: MusicgenDecoder, states: list[SequenceState], graphs=No
         return []
     for state in states:
         if state.finished:
-            raise ValueError("decode_step on a finished sequence")
+            raise ValueError("step_sequences on a finished sequence")
     graphed = graphs.logits(decoder, states) if graphs is not None else None
     if graphed is not None:
         return _sample(states, [value[:, :, -1] for value in graphed])
@@ -76,5 +78,7 @@ def _sample(states: list[SequenceState], logits: list[torch.Tensor]) -> list[Ste
         index = state.grid.next_column
         column = state.grid.place(tokens.cpu())
         state.steps += 1
-        results.append(StepResult(column.clone(), index, state.grid.completed_frame()))
+        frame = state.grid.completed_frame()
+        codes = None if frame is None else state.grid.frame(frame).clone()
+        results.append(StepResult(column.clone(), index, frame, codes))
     return results

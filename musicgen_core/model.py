@@ -1,7 +1,7 @@
 """`MusicGen`: load a checkpoint, condition on text, continue audio, generate codes and audio offline.
 
-The online pieces (`start_sequence`, `decode_step`, the streaming codec) are the same ones the server uses;
-`generate` is a loop over them.
+The sequence pieces (`start_sequence`, `step`) are the ones the server uses; `generate` steps sequences the same
+way, then decodes their codes offline (`decode_audio`; the server streams them through `streaming_codec`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch import nn
 
 from .config import MusicGenConfig
 from .decoder import MusicgenDecoder
-from .delay import DelayGrid
+from .delay import DelayGrid, columns_for, max_frames
 from .encodec import Encodec
-from .generation import SequenceState, decode_step
+from .generation import SequenceState, step_sequences
 from .loading import check_and_load, read_config, read_state_dict, resolve_checkpoint
 from .sampling import SamplingParams, make_generator
 from .state import CrossAttentionKV
@@ -118,6 +118,12 @@ class MusicGen:
         return self.modules.decoder.layer_norm.weight.dtype
 
     @property
+    def max_frames(self) -> int:
+        """Whole frames one sequence can hold (prompt included): the decoder's position limit."""
+        decoder = self.config.decoder
+        return max_frames(decoder.max_position_embeddings, decoder.delays)
+
+    @property
     def decoder(self) -> MusicgenDecoder:
         return self.modules.decoder
 
@@ -203,10 +209,10 @@ class MusicGen:
             prompt_codes = torch.zeros(decoder_config.num_codebooks, 0, dtype=torch.long)
         limit = decoder_config.max_position_embeddings
         if capacity is None:
-            capacity = limit if total_frames is None else total_frames + 1 + decoder_config.max_delay
+            capacity = limit if total_frames is None else columns_for(total_frames, decoder_config.delays)
         if capacity > limit:
             raise ValueError(f"{capacity} decoder positions requested; the model has {limit} "
-                             f"(at most {limit - 1 - decoder_config.max_delay} frames per sequence)")
+                             f"(at most {max_frames(limit, decoder_config.delays)} frames per sequence)")
         if prompt_codes.shape[1] + 1 >= capacity:
             raise ValueError(f"audio prompt of {prompt_codes.shape[1]} frames leaves no room in {capacity} positions")
         rows = 2 if params.uses_guidance else 1
@@ -218,7 +224,7 @@ class MusicGen:
 
     @torch.inference_mode()
     def step(self, states: list[SequenceState]):
-        return decode_step(self.decoder, states, self.graphs)
+        return step_sequences(self.decoder, states, self.graphs)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str | None] | str | None = None, *, frames: int | None = None,
@@ -268,7 +274,7 @@ class MusicGen:
             frames = round(duration * self.config.frame_rate)
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
-        limit = self.config.decoder.max_position_embeddings - 1 - self.config.decoder.max_delay
+        limit = self.max_frames
         if frames > limit:
             raise ValueError(f"{frames} frames exceed the model's window of {limit} frames "
                              f"({limit / self.config.frame_rate:.1f} s)")

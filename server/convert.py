@@ -226,9 +226,9 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
             chunk.codes.extend(event.codes.T.reshape(-1).tolist())
         return pb.SessionEvent(audio=chunk)
     if isinstance(event, Notice):
-        spf = started.samples_per_frame * started.sample_rate / _model_rate(started) if started else 0
+        spf = started.samples_per_frame if started else 0
         return pb.SessionEvent(notice=pb.Notice(kind=NOTICE_KINDS[event.kind], frame=event.frame,
-                                                sample=round(event.frame * spf), prompt_revision=event.revision,
+                                                sample=event.frame * spf, prompt_revision=event.revision,
                                                 message=event.message))
     if isinstance(event, Finished):
         stats = pb.SessionStats(steps=event.steps, mean_step_ms=event.mean_step_ms)
@@ -248,25 +248,20 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
     raise TypeError(f"unknown event {event!r}")
 
 
-def _model_rate(started: Started) -> int:
-    return started.frame_rate * started.samples_per_frame
-
-
 def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
-    scale = event.sample_rate / _model_rate(event)
     message = pb.Started(
         session_id=event.session_id,
         output=pb.AudioFormat(encoding=TO_PB_ENCODING[event.encoding], sample_rate=event.sample_rate,
                               channels=spec.output_channels or event.channels),
-        frame_rate=event.frame_rate, samples_per_frame=event.samples_per_frame * scale,
+        frame_rate=event.frame_rate, samples_per_frame=event.samples_per_frame,
         latency_samples=event.latency_samples,
-        latency=pb.Latency(codebook_delay_samples=round(event.latency_delay_steps * event.samples_per_frame * scale),
-                           decoder_lookahead_samples=round(event.latency_codec_samples * scale),
+        latency=pb.Latency(codebook_delay_samples=event.latency_codebook_delay_samples,
+                           decoder_lookahead_samples=event.latency_decoder_lookahead_samples,
                            resampler_samples=event.latency_resampler_samples,
-                           chunk_samples=round(spec.chunk_frames * event.samples_per_frame * scale)),
+                           chunk_samples=spec.chunk_frames * event.samples_per_frame),
         context_frames=event.context_frames, reprime_keep_frames=event.reprime_frames,
         sampling=sampling_to_pb(spec.params), chunk_frames=spec.chunk_frames,
-        decoder_lookahead_frames=math.ceil(event.lookahead_frames), exact_decoding=event.exact_decoding,
+        decoder_lookahead_frames=event.lookahead_frames, exact_decoding=event.exact_decoding,
         max_lead_seconds=spec.max_lead_seconds or 0.0, unpaced=spec.max_lead_seconds is None,
         audio_prompt_frames=event.prompt_frames, prompt=spec.text or "", paused=event.paused)
     if spec.total_frames is not None:

@@ -1,8 +1,9 @@
 """The engine: one scheduler thread owns the model and advances every ready session in one batched step.
 
-Transport code (any thread) opens sessions and sends them commands through `SessionHandle`; commands are queued
-and applied on the scheduler thread between steps, so a session's state is only ever touched by one thread.
-Events go out through the sink callback each session was opened with.
+Transport code (any thread) opens sessions and steers them through `SessionHandle`, which queues typed commands
+(`Open` first, then `SetPrompt`, `Ack`, ...) in one FIFO; the scheduler thread applies them between steps, so a
+session's state is only ever touched by one thread. One turn: commands -> stalled sessions end -> one batched
+decoder step -> each session's completed frame -> PCM -> chunks -> its sink.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from musicgen_core import MusicGen, SamplingParams
 
-from .events import (Event, Finished, FinishReason, OrderError, ServerClosingError, SessionLimitError, SessionSpec,
+from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
 from .session import Limits, Session, TextEncodings
 
@@ -64,8 +65,85 @@ class EngineConfig:
     stall_timeout_seconds: float = 10.0
 
 
+# -- commands: what the transport asks of a session, applied in order on the engine thread -------------------
+
+@dataclass(frozen=True)
+class Command:
+    session: Session
+
+    def apply(self, engine: "Engine") -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Open(Command):
+    """A session's first command: begin it (encode its prompt, warm its codec, send Started)."""
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.begin()
+
+
+@dataclass(frozen=True)
+class SetPrompt(Command):
+    text: str | None
+    params: SamplingParams | None
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.set_prompt(self.text, self.params)
+
+
+@dataclass(frozen=True)
+class AppendAudio(Command):
+    audio: np.ndarray  # (channels, samples) float32 at the model's rate
+    replace_context: bool
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.append_audio(self.audio, self.replace_context)
+
+
+@dataclass(frozen=True)
+class Ack(Command):
+    samples: int  # paced: samples played; unpaced: samples the transport delivered
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.ack(self.samples)
+
+
+@dataclass(frozen=True)
+class Pause(Command):
+    def apply(self, engine: "Engine") -> None:
+        self.session.pause()
+
+
+@dataclass(frozen=True)
+class Resume(Command):
+    def apply(self, engine: "Engine") -> None:
+        self.session.resume()
+
+
+@dataclass(frozen=True)
+class Finish(Command):
+    """End the session with Finished (stop, shutdown, or a bad request the transport found)."""
+
+    reason: FinishReason
+    message: str = ""
+    failure: Failure | None = None
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.finish(self.reason, self.message, self.failure)
+
+
+@dataclass(frozen=True)
+class Close(Command):
+    """The client is gone: free the session without sending anything more."""
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.release()
+
+
 class SessionHandle:
-    """Thread-safe steering of one session. Every method only queues; the engine applies between steps."""
+    """Thread-safe steering of one session. Every method only queues a command; the engine applies it
+    between steps."""
 
     def __init__(self, engine: "Engine", session: Session):
         self._engine = engine
@@ -76,34 +154,30 @@ class SessionHandle:
     def set_prompt(self, text: str | None, params: SamplingParams | None = None) -> None:
         if params is not None:
             self.params = params
-        self._engine._command(self._session, "set_prompt", (text, params))
+        self._engine.submit(SetPrompt(self._session, text, params))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:
         """audio: (channels, samples) float32 at the model's rate."""
-        self._engine._command(self._session, "append_audio", (audio, replace_context))
+        self._engine.submit(AppendAudio(self._session, audio, replace_context))
 
-    def ack(self, samples_played: int) -> None:
-        self._engine._command(self._session, "ack", samples_played)
+    def ack(self, samples: int) -> None:
+        self._engine.submit(Ack(self._session, samples))
 
     def pause(self) -> None:
-        self._engine._command(self._session, "pause")
+        self._engine.submit(Pause(self._session))
 
     def resume(self) -> None:
-        self._engine._command(self._session, "resume")
+        self._engine.submit(Resume(self._session))
 
     def stop(self) -> None:
-        self._engine._command(self._session, "stop")
+        self._engine.submit(Finish(self._session, FinishReason.STOPPED))
 
-    def error_totals(self, message: str) -> Finished:
-        """A Finished(ERROR) with the session's totals so far, for a call that ends on a bad request."""
-        session = self._session
-        mean = 1000 * session.stats.step_seconds / max(session.stats.steps, 1)
-        return Finished(FinishReason.ERROR, session.frames_sent, session.stats.samples, session.stats.steps,
-                        mean, message, session.stats)
+    def fail(self, message: str) -> None:
+        """A bad request: the session ends with Finished(ERROR, message) and the totals sent so far."""
+        self._engine.submit(Finish(self._session, FinishReason.ERROR, message, Failure.REQUEST))
 
     def close(self) -> None:
-        """The client is gone: free the session without sending anything more."""
-        self._engine._command(self._session, "close")
+        self._engine.submit(Close(self._session))
 
 
 class Engine:
@@ -111,9 +185,8 @@ class Engine:
         self.model = model
         self.config = config
         self.limits = self._limits(model, config)
-        self._sessions: dict[str, Session] = {}
-        self._joining: deque[Session] = deque()
-        self._commands: deque[tuple[Session, str, object]] = deque()
+        self._sessions: dict[str, Session] = {}  # admitted, until finished (begun by their Open command)
+        self._inbox: deque[Command] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._running = False
@@ -125,8 +198,7 @@ class Engine:
 
     @staticmethod
     def _limits(model: MusicGen, config: EngineConfig) -> Limits:
-        decoder = model.config.decoder
-        most = decoder.max_position_embeddings - 1 - decoder.max_delay
+        most = model.max_frames
         window = min(most, 30 * model.config.frame_rate) if config.window_frames is None else config.window_frames
         if not 2 <= window <= most:
             raise ValueError(f"window_frames must be in [2, {most}] for this model, got {window}")
@@ -177,8 +249,8 @@ class Engine:
         """Every session receives Finished(SERVER_SHUTDOWN) with its audio tail, then the thread stops."""
         with self._lock:
             self._closing = True
-            for session in list(self._sessions.values()) + list(self._joining):
-                self._commands.append((session, "shutdown", None))
+            for session in self._sessions.values():
+                self._inbox.append(Finish(session, FinishReason.SERVER_SHUTDOWN))
         self._wake.set()
         deadline = time.monotonic() + timeout
         while self.active_sessions and time.monotonic() < deadline:
@@ -191,59 +263,83 @@ class Engine:
     @property
     def active_sessions(self) -> int:
         with self._lock:
-            return len(self._sessions) + len(self._joining)
+            return len(self._sessions)
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The sessions admitted and not yet finished. Read them only on the engine's thread (or, in a test,
+        between calls to turn() on an engine that was not started)."""
+        with self._lock:
+            return list(self._sessions.values())
 
     def open_session(self, spec: SessionSpec, sink: Callable[[Event], None]) -> SessionHandle:
-        """Admit a session (RESOURCE_EXHAUSTED past max_sessions); it starts on the next scheduler turn."""
+        """Admit a session (RESOURCE_EXHAUSTED past max_sessions); its Open command begins it on the engine."""
         with self._lock:
             if self._closing:
                 raise ServerClosingError("the server is shutting down; no new sessions")
-            if len(self._sessions) + len(self._joining) >= self.config.max_sessions:
+            if len(self._sessions) >= self.config.max_sessions:
                 raise SessionLimitError(f"server is at its limit of {self.config.max_sessions} sessions; "
                                         "try again when one ends")
             session_id = f"{next(self._counter):06d}-{uuid.uuid4().hex[:8]}"
             session = Session(session_id, spec, self.model, self.session_limits(spec), sink, self.text_encodings)
-            self._joining.append(session)
+            self._sessions[session.id] = session
+            self._inbox.append(Open(session))
         self._wake.set()
         return SessionHandle(self, session)
 
-    def _command(self, session: Session, name: str, argument: object = None) -> None:
+    def submit(self, command: Command) -> None:
+        """Queue a command (any thread); the engine applies commands in the order submitted."""
         with self._lock:
-            self._commands.append((session, name, argument))
+            self._inbox.append(command)
         self._wake.set()
 
     # -- the scheduler ------------------------------------------------------------------------------------
 
+    def turn(self) -> bool:
+        """One scheduler turn: apply the commands queued so far, end stalled sessions, then one batched decoder
+        step over the ready sessions (past max_batch, the least-stepped go first). -> whether a step ran."""
+        self._apply_commands()
+        self._end_stalled()
+        ready = [s for s in self.sessions if self._is_ready(s)]
+        ready.sort(key=lambda s: s.stats.steps)
+        ready = ready[: self.config.max_batch]
+        if ready:
+            self._step(ready)
+        return bool(ready)
+
     def _loop(self) -> None:
         while self._running:
             try:
-                self._turn()
+                stepped = self.turn()
             except Exception:  # never let one turn's surprise stop every session
                 log.exception("scheduler turn failed")
+                stepped = False
+            if not stepped:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
         with self._lock:
-            leftover = list(self._sessions.values()) + list(self._joining)
+            leftover = list(self._sessions.values())
             self._sessions.clear()
-            self._joining.clear()
         for session in leftover:  # still running at the deadline: tell the client, then free
             self._guard(session, lambda: session.finish(FinishReason.SERVER_SHUTDOWN, "server stopped"))
             session.release()
 
-    def _turn(self) -> None:
-        self._admit()
-        self._apply_commands()
-        self._end_stalled()
-        ready = [s for s in self._sessions.values() if self._is_ready(s)]
-        ready.sort(key=lambda s: s.stats.steps)  # past max_batch, the least-stepped go first
-        ready = ready[: self.config.max_batch]
-        if not ready:
-            self._wake.wait(timeout=0.05)
-            self._wake.clear()
-            return
-        self._step(ready)
+    def _apply_commands(self) -> None:
+        """Apply the queued commands in order. A session closed in this batch gets only its Close: one
+        closed before it began never begins."""
+        with self._lock:
+            commands, self._inbox = self._inbox, deque()
+        closing = {id(c.session) for c in commands if isinstance(c, Close)}
+        for command in commands:
+            session = command.session
+            if not isinstance(command, Close) and (session.finished or id(session) in closing):
+                continue
+            self._guard(session, lambda: command.apply(self))
+        self._forget_finished()
 
     def _end_stalled(self) -> None:
         now, timeout = time.monotonic(), self.config.stall_timeout_seconds
-        stalled = [s for s in self._sessions.values() if s.stalled(now, timeout)]
+        stalled = [s for s in self.sessions if s.stalled(now, timeout)]
         for session in stalled:
             log.info("session=%s event=stalled timeout_s=%g", session.id, timeout)
             self._guard(session, lambda: session.stall(timeout))
@@ -258,58 +354,6 @@ class Engine:
             self._fail(session, error)
             return False
 
-    def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._joining:
-                    return
-                session = self._joining.popleft()
-                if session.finished:  # closed before it began
-                    continue
-                self._sessions[session.id] = session
-            self._guard(session, session.begin)
-
-    def _apply_commands(self) -> None:
-        """Apply queued commands in order. A session admitted after this turn's `_admit` keeps its commands
-        for the next turn (it must begin first); a close before it began drops it unstarted."""
-        with self._lock:
-            commands, self._commands = self._commands, deque()
-        deferred = []
-        for session, name, argument in commands:
-            if session.id not in self._sessions and not session.finished:  # not begun yet
-                if name == "close":
-                    with self._lock:
-                        if session in self._joining:
-                            self._joining.remove(session)
-                    session.release()
-                else:
-                    deferred.append((session, name, argument))
-                continue
-            if session.finished and name != "close":
-                continue
-            self._guard(session, lambda: self._apply(session, name, argument))
-        if deferred:
-            with self._lock:
-                self._commands.extendleft(reversed(deferred))
-        self._forget_finished()
-
-    @staticmethod
-    def _apply(session: Session, name: str, argument: object) -> None:
-        if name == "close":
-            session.release()
-        elif name == "stop":
-            session.finish(FinishReason.STOPPED)
-        elif name == "shutdown":
-            session.finish(FinishReason.SERVER_SHUTDOWN)
-        elif name == "ack":
-            session.ack(int(argument))
-        elif name in ("pause", "resume"):
-            getattr(session, name)()
-        elif name in ("set_prompt", "append_audio"):
-            getattr(session, name)(argument)
-        else:
-            raise OrderError(f"unknown command {name}")
-
     def _step(self, ready: list[Session]) -> None:
         started = time.perf_counter()
         try:
@@ -323,13 +367,13 @@ class Engine:
         seconds = time.perf_counter() - started
         self.steps += 1
         for session, result in zip(ready, results):
-            self._guard(session, lambda: session.after_step(result.completed_frame, seconds, len(ready)))
+            self._guard(session, lambda: session.after_step(result, seconds, len(ready)))
         self._forget_finished()
 
     def _step_alone(self, session: Session) -> None:
         started = time.perf_counter()
         (result,) = self.model.step([session.state])
-        session.after_step(result.completed_frame, time.perf_counter() - started)
+        session.after_step(result, time.perf_counter() - started)
 
     def _guard(self, session: Session, action: Callable[[], None]) -> None:
         """Run a session action; a failure ends that session with ERROR and leaves the others alone."""

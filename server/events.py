@@ -18,10 +18,6 @@ class SpecError(ValueError):
         self.field = field_name
 
 
-class OrderError(RuntimeError):
-    """A message that is valid but not now (FAILED_PRECONDITION)."""
-
-
 class SessionLimitError(RuntimeError):
     """No room for another session (RESOURCE_EXHAUSTED)."""
 
@@ -58,21 +54,23 @@ class SessionSpec:
 
 @dataclass(frozen=True)
 class Started:
+    """Every sample count is at the session's output rate, as on the wire."""
+
     session_id: str
-    sample_rate: int
-    channels: int
+    sample_rate: int  # the output rate
+    channels: int  # the model's
     encoding: Encoding
     frame_rate: int
-    samples_per_frame: int  # at the model's rate
-    latency_samples: int  # algorithmic latency at the output rate
-    latency_delay_steps: int
-    latency_codec_samples: int  # at the model's rate
-    latency_resampler_samples: int  # at the output rate
+    samples_per_frame: int
+    latency_samples: int  # algorithmic latency: the three parts below
+    latency_codebook_delay_samples: int
+    latency_decoder_lookahead_samples: int
+    latency_resampler_samples: int
     context_frames: int
     reprime_frames: int
     prompt_frames: int
     exact_decoding: bool
-    lookahead_frames: float
+    lookahead_frames: int
     paused: bool
 
 
@@ -117,6 +115,7 @@ class Failure(Enum):
     """Why a session finished with ERROR, so the transport can pick the status."""
 
     INTERNAL = "internal"  # a server bug
+    REQUEST = "request"  # a bad request: the transport that found it knows the status
     STALLED = "stalled"  # held at its lead with no ack (paced) or no read (unpaced) for the stall timeout
 
 

@@ -14,14 +14,15 @@ from musicgen_core.quantize import is_quantized
 
 from . import convert
 from .engine import Engine, SessionHandle
-from .events import (Event, Failure, Finished, FinishReason, OrderError, ServerClosingError, SessionLimitError,
-                     SessionSpec, SpecError, Started)
+from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
+                     SpecError, Started)
 
 log = logging.getLogger("musicgen.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-FAILURE_STATUS = {Failure.INTERNAL: grpc.StatusCode.INTERNAL, Failure.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED}
+FAILURE_STATUS = {Failure.INTERNAL: grpc.StatusCode.INTERNAL, Failure.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED,
+                  Failure.REQUEST: grpc.StatusCode.INVALID_ARGUMENT}
 HALF_CLOSE_WAIT_SECONDS = 2.0  # after Finished, how long the call waits for the client to half-close
 
 
@@ -173,14 +174,16 @@ class MusicGenService:
 
         context.add_done_callback(on_done)
         started: Started | None = None
+        aborting: _Abort | None = None  # a bad request after Started: its status follows the session's Finished
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, _Abort):
-                    if started is not None:  # the client sees the totals, then the status
-                        handle.close()
-                        yield convert.event_to_pb(handle.error_totals(item.details), spec, started, return_codes)
-                    await self._reject(context, item.code, item.details, handle.id)
+                    if started is None:
+                        await self._reject(context, item.code, item.details, handle.id)
+                    aborting = item
+                    handle.fail(item.details)  # the client sees Finished(ERROR) with the totals, then the status
+                    continue
                 if isinstance(item, Started):
                     started = item
                 message = convert.event_to_pb(item, spec, started, return_codes)
@@ -190,17 +193,19 @@ class MusicGenService:
                 if not paced and message.WhichOneof("event") == "audio":
                     handle.ack(progress["sent"])  # delivered: unpaced sessions are held by what was read
                 if isinstance(item, Finished):
-                    await self._end(item, handle, reader, context)
+                    await self._end(item, handle, reader, context, aborting)
                     return
         finally:
             if reader is not None:
                 reader.cancel()
             handle.close()  # frees the session at once if it is still running (cancel, disconnect, abort)
 
-    async def _end(self, finished: Finished, handle: SessionHandle, reader, context) -> None:
+    async def _end(self, finished: Finished, handle: SessionHandle, reader, context, aborting) -> None:
         log.info("session=%s event=finished reason=%s frames=%d samples=%d steps=%d mean_step_ms=%.2f",
                  handle.id, finished.reason.value, finished.total_frames, finished.total_samples, finished.steps,
                  finished.mean_step_ms)
+        if aborting is not None:
+            await self._reject(context, aborting.code, aborting.details, handle.id)
         if finished.reason is FinishReason.ERROR:
             await self._reject(context, FAILURE_STATUS[finished.failure or Failure.INTERNAL], finished.message,
                                handle.id)
@@ -231,8 +236,6 @@ class MusicGenService:
             queue.put_nowait(abort)
         except SpecError as error:
             queue.put_nowait(_Abort(INVALID, str(error)))
-        except OrderError as error:
-            queue.put_nowait(_Abort(PRECONDITION, str(error)))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the client's stream broke: nothing more to read, the session goes on

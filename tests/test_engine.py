@@ -26,11 +26,9 @@ def spec(model, **fields):
 def test_commands_sent_before_a_session_begins_wait_for_it(model):
     engine, events = Engine(model), []
     handle = engine.open_session(spec(model), events.append)
-    handle.pause()
-    engine._apply_commands()  # the race: commands applied before this turn admitted the session
+    handle.pause()  # queued behind the session's Open, so it applies after the session began
     assert events == []
-    engine._admit()
-    engine._apply_commands()
+    engine.turn()
     assert isinstance(events[0], Started)
     assert isinstance(events[1], Notice) and events[1].kind is NoticeKind.PAUSED
 
@@ -39,8 +37,7 @@ def test_a_session_closed_before_it_begins_never_starts(model):
     engine, events = Engine(model), []
     handle = engine.open_session(spec(model), events.append)
     handle.close()
-    engine._apply_commands()
-    engine._admit()
+    engine.turn()
     assert events == [] and engine.active_sessions == 0
 
 
@@ -67,10 +64,9 @@ def test_sessions_beyond_max_batch_take_turns(model):
     engine, events = Engine(model, EngineConfig(max_sessions=4, max_batch=2)), []
     for _ in range(3):
         engine.open_session(spec(model, max_lead_seconds=None), events.append)
-    engine._admit()
     for _ in range(6):
-        engine._turn()
-    steps = sorted(s.stats.steps for s in engine._sessions.values())
+        engine.turn()
+    steps = sorted(s.stats.steps for s in engine.sessions)
     assert steps == [4, 4, 4]
 
 
@@ -116,7 +112,7 @@ def test_sessions_with_the_same_prompt_share_one_text_encoding(model, monkeypatc
     engine = Engine(model)
     for _ in range(3):
         engine.open_session(spec(model), lambda event: None)
-    engine._admit()
+    engine.turn()
     assert calls == [["warm lofi beat"]]
 
 

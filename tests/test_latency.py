@@ -29,14 +29,14 @@ def measured_latency(model: MusicGen, output_rate: int, chunk_frames: int, looka
     def sink(event) -> None:
         events.append(event)
         if isinstance(event, AudioChunk):
-            spf = events[0].samples_per_frame * events[0].sample_rate // model.config.sampling_rate
+            spf = events[0].samples_per_frame
             lags.append(session.stats.steps * spf - (event.start_sample + event.pcm.shape[1]))
 
     session = Session("latency", spec, model, Limits(window_frames=250, reprime_frames=100), sink)
     session.begin()
     for _ in range(steps):
         (result,) = model.step([session.state])
-        session.after_step(result.completed_frame, 0.0)
+        session.after_step(result, 0.0)
     assert len(lags) > steps // chunk_frames - 10, "the session sent too few chunks to measure"
     return events[0], max(lags)
 

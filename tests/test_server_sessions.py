@@ -44,7 +44,7 @@ def unbounded_reference(model: MusicGen, text: str, frames: int, prompt_codes=No
     params = model.default_sampling(greedy=True, guidance_scale=3.0)
     state = model.start_sequence(model.encode_text([text])[0], params, prompt_codes)
     step = 0
-    while state.grid.next_column - 1 - 3 < state.grid.prompt_frames + frames:
+    while state.grid.first_frame_of_next_column() < state.grid.prompt_frames + frames:  # frames to complete
         if switch is not None and step == switch[0]:
             state.cross = model.cross_attention(model.encode_text([switch[1]])[0], True)
         model.step([state])

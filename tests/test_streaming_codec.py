@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from musicgen_core.config import DecoderConfig, EncodecConfig
-from musicgen_core.delay import build_delayed
+from musicgen_core.delay import DelayGrid, build_delayed, columns_for
 from musicgen_core.encodec import Encodec
-from musicgen_core.resolver import FrameResolver
 from musicgen_core.streaming_codec import (
     algorithmic_latency,
     decode_step,
@@ -146,18 +145,26 @@ def test_clone_continues_independently(codec):
     torch.testing.assert_close(torch.cat([head, tails[0]], dim=-1), offline(codec, codes), atol=1e-5, rtol=0)
 
 
-def test_stereo_from_resolver(codec):
-    """Stereo LM columns (delays 0,0,1,1,2,2,3,3) -> resolver -> even/odd codebooks as a batch of 2."""
+def completed_frames(frames: torch.Tensor, delays: list[int]):
+    """Replay known frames through a delay grid column by column: yields (frame index, codes (codebooks,)) as
+    each completes, as the session gets them from a decoder step."""
+    total = frames.shape[1]
+    layout = build_delayed(frames, delays, pad_id=64, total_frames=total)
+    grid = DelayGrid.start(frames[:, :0], delays, 64, capacity=columns_for(total, delays), total_frames=total)
+    while not grid.finished:
+        grid.place(layout[:, grid.next_column])
+        if grid.completed_frame() is not None:
+            yield grid.completed_frame(), grid.frame(grid.completed_frame())
+
+
+def test_stereo_from_the_delay_grid(codec):
+    """Stereo LM columns (delays 0,0,1,1,2,2,3,3) -> whole frames -> even/odd codebooks as a batch of 2."""
     frames = torch.randint(0, 64, (8, 14), generator=torch.Generator().manual_seed(3))
     delays = [k // 2 for k in range(8)]
-    grid = build_delayed(frames, delays, pad_id=64, total_frames=14)
-    resolver = FrameResolver.start(delays, total_frames=14)
     state = init_decoder_state(codec, batch=2)
-    pieces = []
-    for column in range(1, grid.shape[1]):
-        for frame in resolver.push_column(grid[:, column], column):
-            pieces.append(decode_step(codec, state, split_channels(frame.codes[:, None], 2)))
-    assert resolver.end() == []
+    pieces = [decode_step(codec, state, split_channels(codes[:, None], 2))
+              for _, codes in completed_frames(frames, delays)]
+    assert len(pieces) == 14
     streamed = torch.cat(pieces + [flush(codec, state)], dim=-1)[:, 0]  # (channels, samples)
     expected = torch.stack([offline(codec, frames[c::2][None])[0, 0] for c in range(2)])  # MusicGen.decode_audio
     torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=0)
@@ -305,13 +312,15 @@ def test_latency_matches_the_stream(codec):
     """After F LM steps the emitted audio ends exactly `latency.samples` before F * hop."""
     frames = torch.randint(0, 64, (4, 20), generator=torch.Generator().manual_seed(9))
     delays = [0, 1, 2, 3]
-    grid = build_delayed(frames, delays, pad_id=64, total_frames=20)
     for lookahead in (None, 0, 2):
         latency = algorithmic_latency(decoder_config(1), codec.config, lookahead)
-        resolver, state = FrameResolver.start(delays, total_frames=20), init_decoder_state(codec, 1, lookahead)
+        state = init_decoder_state(codec, 1, lookahead)
+        layout = build_delayed(frames, delays, pad_id=64, total_frames=20)
+        grid = DelayGrid.start(frames[:, :0], delays, 64, capacity=columns_for(20, delays), total_frames=20)
         for step in range(1, 21):
-            for frame in resolver.push_column(grid[:, step], step):
-                decode_step(codec, state, frame.codes[None, :, None])
+            grid.place(layout[:, step])
+            if grid.completed_frame() is not None:
+                decode_step(codec, state, grid.frame(grid.completed_frame())[None, :, None])
             assert state.emitted_samples == max(0, step * HOP - latency.samples)
 
 

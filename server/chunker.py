@@ -1,0 +1,123 @@
+"""A session's chunker: resolved frames' codes and final PCM in, frame-aligned AudioChunks out, held at the
+pacing lead. It owns what was sent (frames, samples, chunk index), the prompt revisions that label chunks, the
+chunk boundaries, and the acks. Engine thread only.
+
+Chunk frames [f, f + n) carry exactly output samples [f * spf, (f + n) * spf) and those frames' codes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from musicgen_core import SamplingParams
+
+from .events import AudioChunk
+
+
+@dataclass(frozen=True)
+class Revision:
+    """The conditioning in effect from `from_frame` on."""
+
+    number: int
+    from_frame: int
+    text: str
+    params: SamplingParams
+
+
+class Chunker:
+    def __init__(self, codebooks: int, channels: int, samples_per_frame: int, output_rate: int, chunk_frames: int,
+                 lead_seconds: float | None, text: str, params: SamplingParams):
+        self.samples_per_frame = samples_per_frame
+        self.chunk_frames = chunk_frames
+        # Paced: the client's acks hold the session at this lead; unpaced: the transport's delivery acks do.
+        self.lead_samples = None if lead_seconds is None else lead_seconds * output_rate
+        self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved frames not yet in a chunk
+        self.unsent_pcm = np.zeros((channels, 0), dtype=np.float32)  # their final audio so far
+        self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
+        self.revisions = [Revision(0, 0, text, params)]
+        self.chunk_index = 0  # AudioChunk.sequence of the next chunk
+        self.frames_sent = 0
+        self.acked_samples = 0
+        self.last_ack = time.monotonic()
+        self.held_since: float | None = None  # when the session last began to wait at its lead
+
+    @property
+    def samples_sent(self) -> int:
+        return self.frames_sent * self.samples_per_frame
+
+    @property
+    def revision(self) -> Revision:
+        return self.revisions[-1]
+
+    def add_frame(self, codes: torch.Tensor) -> None:
+        self.unsent_codes = torch.cat([self.unsent_codes, codes[:, None]], dim=1)
+
+    def add_pcm(self, pcm: np.ndarray) -> None:
+        self.unsent_pcm = np.concatenate([self.unsent_pcm, pcm], axis=1)
+
+    def cut_at(self, frame: int) -> None:
+        """A chunk must start at `frame` (it ends the one before early)."""
+        self.boundaries.append(frame)
+
+    def revise(self, from_frame: int, text: str, params: SamplingParams) -> Revision:
+        """A new prompt revision from `from_frame` on; a chunk starts there, so one label fits all its frames."""
+        revision = Revision(self.revision.number + 1, from_frame, text, params)
+        self.revisions.append(revision)
+        self.cut_at(from_frame)
+        return revision
+
+    def ack(self, samples: int) -> None:
+        self.acked_samples = max(self.acked_samples, samples)
+        self.last_ack = time.monotonic()
+
+    def stalled(self, now: float, timeout: float, waiting: bool) -> bool:
+        """True when the session has waited at its lead for `timeout` seconds with no ack since it began to
+        wait; `waiting` False (paused) stops the clock."""
+        if not waiting or not self.over_lead():
+            self.held_since = None
+            return False
+        if self.held_since is None:
+            self.held_since = now
+        return now - max(self.held_since, self.last_ack) >= timeout
+
+    def over_lead(self) -> bool:
+        """A paced session keeps the audio sent at most its lead ahead of the acks: it neither steps nor sends
+        another chunk while that far ahead (a chunk sent just under the lead may pass it by one)."""
+        return self.lead_samples is not None and self.samples_sent - self.acked_samples >= self.lead_samples
+
+    def chunks(self, final: bool = False, force: bool = False) -> list[AudioChunk]:
+        """Every chunk whose audio is final; `force` sends a short one (pause), `final` everything (the end)."""
+        out = []
+        spf = self.samples_per_frame
+        while True:
+            whole = self.unsent_codes.shape[1] if final else min(self.unsent_pcm.shape[1] // spf,
+                                                                 self.unsent_codes.shape[1])
+            stop = self.frames_sent + min(whole, self.chunk_frames)
+            for boundary in self.boundaries:
+                if self.frames_sent < boundary < stop:
+                    stop = boundary
+            count = stop - self.frames_sent
+            if count <= 0 or (count < self.chunk_frames and not (final or force) and stop not in self.boundaries):
+                return out
+            if not final and self.over_lead():  # the rest waits for acks
+                return out
+            samples = self.unsent_pcm.shape[1] if final and count == self.unsent_codes.shape[1] else count * spf
+            out.append(self._cut(count, samples))
+
+    def _cut(self, count: int, samples: int) -> AudioChunk:
+        first = self.frames_sent
+        revision = [r for r in self.revisions if r.from_frame <= first][-1]
+        chunk = AudioChunk(sequence=self.chunk_index, start_sample=self.samples_sent, first_frame=first,
+                           frame_count=count, pcm=self.unsent_pcm[:, :samples],
+                           codes=self.unsent_codes[:, :count].numpy(), prompt=revision.text,
+                           prompt_revision=revision.number, params=revision.params)
+        self.unsent_pcm = self.unsent_pcm[:, samples:]
+        self.unsent_codes = self.unsent_codes[:, count:]
+        self.boundaries = [b for b in self.boundaries if b > first + count]
+        self.chunk_index += 1
+        self.frames_sent += count
+        return chunk
