@@ -210,15 +210,15 @@ class ModelInfo:
 Event = Started | AudioChunk | Notice | Finished
 
 
-def decode_pcm(pcm: bytes, encoding: Encoding, channels: int) -> np.ndarray:
+def decode_interleaved_pcm(pcm: bytes, encoding: Encoding, channels: int) -> np.ndarray:
     """Interleaved little-endian bytes -> (samples, channels) float32. int16 is divided by 32767, the inverse of
-    the server's encoding (full scale 32767), so int16 -> float -> `encode_pcm` is lossless."""
+    the server's encoding (full scale 32767), so int16 -> float -> `encode_interleaved_pcm` is lossless."""
     if encoding is Encoding.INT16:
         return (np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767.0).reshape(-1, channels)
     return np.frombuffer(pcm, dtype="<f4").astype(np.float32).reshape(-1, channels)
 
 
-def encode_pcm(audio: np.ndarray, encoding: Encoding = Encoding.FLOAT32) -> bytes:
+def encode_interleaved_pcm(audio: np.ndarray, encoding: Encoding = Encoding.FLOAT32) -> bytes:
     """(samples, channels) float -> interleaved little-endian bytes (int16: x 32767, rounded and clipped)."""
     if encoding is Encoding.INT16:
         return np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2").tobytes()
@@ -254,7 +254,7 @@ def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:
         if chunk.codes:
             codes = np.asarray(chunk.codes, dtype=np.int64).reshape(max(chunk.frame_count, 1), -1)
         return AudioChunk(sequence=chunk.sequence, start_sample=chunk.start_sample, first_frame=chunk.first_frame,
-                          frame_count=chunk.frame_count, audio=decode_pcm(chunk.pcm, encoding, channels),
+                          frame_count=chunk.frame_count, audio=decode_interleaved_pcm(chunk.pcm, encoding, channels),
                           prompt=chunk.prompt, prompt_revision=chunk.prompt_revision,
                           sampling=Sampling.from_pb(chunk.sampling), codes=codes)
     if kind == "notice":

@@ -9,7 +9,7 @@ import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
 
-from .events import Encoding, Sampling, encode_pcm
+from .events import Encoding, Sampling, encode_interleaved_pcm
 
 SamplingLike = Sampling | Mapping | None
 
@@ -47,7 +47,7 @@ def as_audio(samples: np.ndarray, field: str = "audio") -> np.ndarray:
 
 
 def audio_data(audio: np.ndarray, sample_rate: int, encoding: Encoding = Encoding.FLOAT32) -> pb.AudioData:
-    return pb.AudioData(pcm=encode_pcm(audio, encoding), sample_rate=int(sample_rate), channels=audio.shape[1],
+    return pb.AudioData(pcm=encode_interleaved_pcm(audio, encoding), sample_rate=int(sample_rate), channels=audio.shape[1],
                         encoding=encoding.to_pb)
 
 

@@ -38,24 +38,20 @@ def sinusoidal_positions(num_positions: int, width: int) -> torch.Tensor:
     return table
 
 
-# Row counts for which `weight @ x.T` beat F.linear on this machine (see `calibrate_linear`). Small-batch
-# F.linear is 2-4x slow on some CPUs (AMD EPYC, ../shared/NOTES.md) and the faster of the two on others
-# (a Xeon with AVX-512 here: 0.70 vs 1.16 ms at 2 rows), so the choice is measured, not assumed.
-TRANSPOSED_ROWS: set[int] = set()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, through whichever of F.linear / weight @ x.T is faster for this many rows on this CPU.
-    The two agree to float rounding."""
+def linear(x: torch.Tensor, weight: torch.Tensor, transposed_rows: frozenset[int] = frozenset()) -> torch.Tensor:
+    """x @ weight.T, as `weight @ x.T` when the row count is in `transposed_rows` (measured faster on this CPU
+    by `calibrate_linear`), else F.linear. The two agree to float rounding."""
     rows = x.numel() // x.shape[-1]
-    if rows in TRANSPOSED_ROWS and x.device.type == "cpu" and weight.dtype == x.dtype:
+    if rows in transposed_rows and x.device.type == "cpu" and weight.dtype == x.dtype:
         flat = x.reshape(rows, x.shape[-1])
         return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
-def calibrate_linear(weight: torch.Tensor, rows_options=(1, 2, 4, 6, 8, 12, 16), repeats: int = 6) -> set[int]:
-    """Time both matmul forms on a real weight for each row count; record where weight @ x.T wins by 10%."""
+def calibrate_linear(weight: torch.Tensor, rows_options=(1, 2, 4, 6, 8, 12, 16), repeats: int = 6) -> frozenset[int]:
+    """Time both matmul forms on a real weight for each row count -> those where weight @ x.T wins by 10%.
+    Small-batch F.linear is 2-4x slow on some CPUs (AMD EPYC, ../shared/NOTES.md) and the faster of the two on
+    others (a Xeon with AVX-512 here: 0.70 vs 1.16 ms at 2 rows), so the choice is measured, not assumed."""
     import time
 
     chosen = set()
@@ -70,9 +66,7 @@ def calibrate_linear(weight: torch.Tensor, rows_options=(1, 2, 4, 6, 8, 12, 16),
             timings.append(time.perf_counter() - started)
         if timings[1] < 0.9 * timings[0]:
             chosen.add(rows)
-    TRANSPOSED_ROWS.clear()
-    TRANSPOSED_ROWS.update(chosen)
-    return chosen
+    return frozenset(chosen)
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -83,8 +77,10 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 class FastLinear(nn.Linear):
     """nn.Linear (no bias) whose forward takes the small-batch CPU path of `linear`."""
 
+    transposed_rows: frozenset[int] = frozenset()  # set for a whole decoder by use_transposed_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.transposed_rows)
 
 
 class Attention(nn.Module):
@@ -152,6 +148,12 @@ class MusicgenDecoder(nn.Module):
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
         self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
         self.layer_steps: list | None = None  # C++ one-column layers when every linear is int8 (quantize.py)
+
+    def use_transposed_rows(self, rows: frozenset[int]) -> None:
+        """Every linear layer of this decoder takes `weight @ x.T` for these row counts (calibrate_linear)."""
+        for module in self.modules():
+            if isinstance(module, FastLinear):
+                module.transposed_rows = rows
 
     def fuse_projections(self) -> None:
         """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv), and the

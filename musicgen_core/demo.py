@@ -18,7 +18,9 @@ import sentencepiece
 import torch
 from safetensors.torch import save_file
 
+from .config import MusicGenConfig
 from .loading import KEY_PREFIXES
+from .modules import MusicGenModules
 
 DEMO_VERSION = 1
 
@@ -82,8 +84,6 @@ def write_random_checkpoint(directory: Path, config: dict, seed: int = 0, fit_te
     multiplies the output heads: random logits are nearly flat (std ~0.6), so top-1 comparisons between
     numeric paths flip on near-ties; sharper heads give peaked distributions more like a trained model's.
     (Scaling every decoder weight instead makes a 24-layer stack chaotic: its residual stream explodes.)"""
-    from .config import MusicGenConfig
-    from .model import MusicGenModules
 
     directory.mkdir(parents=True, exist_ok=True)
     train_demo_tokenizer(directory / "spiece.model")

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cpu import cpu_flags
+
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 OUTPUT_BLOCK, INPUT_BLOCK = 16, 8  # the packed layout pads outputs and inputs to these
@@ -33,22 +35,12 @@ _kernel = None
 _failure: str | None = None
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def kernel_build_directory() -> Path:
     """One directory per (source, torch, CPU): a kernel built with -march=native must not meet another CPU."""
     identity = hashlib.sha256()
     identity.update(SOURCE.read_bytes())
     identity.update(torch.__version__.encode())
-    identity.update(" ".join(sorted(_cpu_flags())).encode())
+    identity.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("MUSICGEN_KERNEL_DIR", Path.home() / ".cache" / "musicgen-live" / "kernels"))
     return root / identity.hexdigest()[:16]
 
@@ -59,7 +51,7 @@ def load_int8_kernel():
     global _kernel, _failure
     if _kernel is not None or _failure is not None:
         return _kernel
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
     if platform.machine().lower() not in ("x86_64", "amd64") or missing:
         _failure = f"this CPU lacks {', '.join(missing) or 'x86-64'}"
         return None

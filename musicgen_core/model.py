@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from .config import MusicGenConfig
+from .cpu import has_bf16
 from .decoder import MusicgenDecoder
 from .delay import DelayGrid, columns_for, max_frames
 from .encodec import Encodec
 from .generation import SequenceState, step_sequences
+from .modules import MusicGenModules
 from .loading import check_and_load, read_config, read_state_dict, resolve_checkpoint
 from .sampling import SamplingParams, make_generator
 from .state import CrossAttentionKV
-from .t5 import T5Encoder
 from .tokenizer import T5Tokenizer
 
 
@@ -44,18 +45,6 @@ class GenerationOutput:
 
 
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class MusicGenModules(nn.Module):
-    """The weights, under names the loader maps checkpoint keys to."""
-
-    def __init__(self, config: MusicGenConfig):
-        super().__init__()
-        self.text_encoder = T5Encoder(config.text_encoder)
-        self.decoder = MusicgenDecoder(config.decoder)
-        self.audio_encoder = Encodec(config.audio_encoder)
-        if config.has_enc_to_dec_proj:
-            self.enc_to_dec_proj = nn.Linear(config.text_encoder.d_model, config.decoder.hidden_size)
 
 
 class MusicGen:
@@ -101,8 +90,8 @@ class MusicGen:
             _copy_out_of_the_checkpoint(modules)
         elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
             from .decoder import calibrate_linear
-            calibrate_linear(modules.decoder.layers[0].fc1.weight)  # pick the faster small-batch matmul
-        modules.decoder.kv_dtype = kv_dtype or (torch.bfloat16 if quantize is not None and _cpu_has_bf16() else None)
+            modules.decoder.use_transposed_rows(calibrate_linear(modules.decoder.layers[0].fc1.weight))
+        modules.decoder.kv_dtype = kv_dtype or (torch.bfloat16 if quantize is not None and has_bf16() else None)
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"
         if cuda_graphs and torch.device(device).type != "cuda":
@@ -289,13 +278,6 @@ class MusicGen:
         if len(audio_prompt) != count:
             raise ValueError(f"{len(audio_prompt)} audio prompts for {count} text prompts")
         return list(audio_prompt)
-
-
-def _cpu_has_bf16() -> bool:
-    """bf16 arithmetic in hardware (measured there: attention over a bf16 cache is 1.7x faster at 1400
-    positions); without it, converting every cache read could cost more than the halved bytes save."""
-    from .int8_kernel import _cpu_flags
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def _copy_out_of_the_checkpoint(modules: nn.Module) -> None:

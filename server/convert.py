@@ -171,7 +171,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
         delivery_lead_seconds=UNPACED_LEAD_SECONDS if unpaced else None,
         client_name=start.client_name, context_frames=start.context_frames,
-        reprime_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
+        reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
 
 
 def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field: str) -> int | None:
@@ -204,7 +204,7 @@ def map_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(pcm, channels, axis=0)
 
 
-def encode_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
+def encode_planar_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
     """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32767) (full scale 32767, as the protocol says), clipped."""
     interleaved = np.ascontiguousarray(pcm.T)
     if encoding is Encoding.INT16:
@@ -219,7 +219,7 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
         chunk = pb.AudioChunk(sequence=event.sequence, start_sample=event.start_sample,
                               sample_count=event.pcm.shape[1], first_frame=event.first_frame,
                               frame_count=event.frame_count,
-                              pcm=encode_pcm(map_channels(event.pcm, spec.output_channels), spec.encoding),
+                              pcm=encode_planar_pcm(map_channels(event.pcm, spec.output_channels), spec.encoding),
                               prompt=event.prompt, prompt_revision=event.prompt_revision,
                               sampling=sampling_to_pb(event.params))
         if return_codes:
@@ -259,7 +259,7 @@ def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
                            decoder_lookahead_samples=event.latency_decoder_lookahead_samples,
                            resampler_samples=event.latency_resampler_samples,
                            chunk_samples=spec.chunk_frames * event.samples_per_frame),
-        context_frames=event.context_frames, reprime_keep_frames=event.reprime_frames,
+        context_frames=event.context_frames, reprime_keep_frames=event.reprime_keep_frames,
         sampling=sampling_to_pb(spec.params), chunk_frames=spec.chunk_frames,
         decoder_lookahead_frames=event.lookahead_frames, exact_decoding=event.exact_decoding,
         max_lead_seconds=spec.max_lead_seconds or 0.0, unpaced=spec.max_lead_seconds is None,

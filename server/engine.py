@@ -57,8 +57,8 @@ def call_in_fresh_thread(function: Callable, *args, **kwargs):
 @dataclass(frozen=True)
 class EngineConfig:
     max_sessions: int = 8
-    window_frames: int | None = None  # decoder context per sequence; None: min(model limit, 30 s)
-    reprime_frames: int | None = None  # context kept at a re-prime; None: 40% of the window (12 s of 30 s)
+    context_frames: int | None = None  # decoder context per sequence; None: min(model limit, 30 s)
+    reprime_keep_frames: int | None = None  # context kept at a re-prime; None: 40% of the window (12 s of 30 s)
     max_batch: int = 32  # sessions per decoder step
     # A session waiting at its lead this long with no ack (paced) or no delivery (unpaced) ends with ERROR: a
     # client that vanished without a cancel reaching us (or never acks) must not hold a slot for ever.
@@ -199,27 +199,27 @@ class Engine:
     @staticmethod
     def _limits(model: MusicGen, config: EngineConfig) -> Limits:
         most = model.max_frames
-        window = min(most, 30 * model.config.frame_rate) if config.window_frames is None else config.window_frames
+        window = min(most, 30 * model.config.frame_rate) if config.context_frames is None else config.context_frames
         if not 2 <= window <= most:
-            raise ValueError(f"window_frames must be in [2, {most}] for this model, got {window}")
-        reprime = int(0.4 * window) if config.reprime_frames is None else config.reprime_frames
+            raise ValueError(f"context_frames must be in [2, {most}] for this model, got {window}")
+        reprime = int(0.4 * window) if config.reprime_keep_frames is None else config.reprime_keep_frames
         if not 0 <= reprime < window:
-            raise ValueError(f"reprime_frames must be in [0, {window}), got {reprime}")
-        return Limits(window_frames=window, reprime_frames=reprime)
+            raise ValueError(f"reprime_keep_frames must be in [0, {window}), got {reprime}")
+        return Limits(context_frames=window, reprime_keep_frames=reprime)
 
     def session_limits(self, spec: SessionSpec) -> Limits:
         """The engine's window and re-prime size, narrowed by what the session asked for."""
-        window = self.limits.window_frames
+        window = self.limits.context_frames
         if spec.context_frames:
             if not 2 <= spec.context_frames <= window:
                 raise SpecError("context_frames", f"must be in [2, {window}], got {spec.context_frames}")
             window = spec.context_frames
-        reprime = min(self.limits.reprime_frames, window - 1)
-        if spec.reprime_frames:
-            if not 1 <= spec.reprime_frames < window:
-                raise SpecError("reprime_keep_frames", f"must be in [1, {window - 1}], got {spec.reprime_frames}")
-            reprime = spec.reprime_frames
-        return Limits(window_frames=window, reprime_frames=reprime)
+        reprime = min(self.limits.reprime_keep_frames, window - 1)
+        if spec.reprime_keep_frames:
+            if not 1 <= spec.reprime_keep_frames < window:
+                raise SpecError("reprime_keep_frames", f"must be in [1, {window - 1}], got {spec.reprime_keep_frames}")
+            reprime = spec.reprime_keep_frames
+        return Limits(context_frames=window, reprime_keep_frames=reprime)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class SessionSpec:
     delivery_lead_seconds: float | None = None
     client_name: str = ""
     context_frames: int = 0  # 0 = the engine's window
-    reprime_frames: int = 0  # 0 = the engine's default
+    reprime_keep_frames: int = 0  # 0 = the engine's default
     start_paused: bool = False
 
 
@@ -67,7 +67,7 @@ class Started:
     latency_decoder_lookahead_samples: int
     latency_resampler_samples: int
     context_frames: int
-    reprime_frames: int
+    reprime_keep_frames: int
     prompt_frames: int
     exact_decoding: bool
     lookahead_frames: int

@@ -18,8 +18,8 @@ from musicgen_core.delay import columns_for
 class Limits:
     """A session's context limits, from EngineConfig, the model and the session's request."""
 
-    window_frames: int  # the context window: frames a sequence holds before it re-primes
-    reprime_frames: int  # frames of recent context a re-primed sequence starts from
+    context_frames: int  # the context window: frames a sequence holds before it re-primes
+    reprime_keep_frames: int  # frames of recent context a re-primed sequence starts from
 
 
 class TextEncodings:
@@ -75,8 +75,8 @@ class FrameSource:
     def start(self, prompt_codes: torch.Tensor | None) -> None:
         """The first sequence, continuing from an audio prompt's codes (None: from nothing)."""
         if prompt_codes is not None:
-            self.history = prompt_codes[:, -self.limits.window_frames:]
-            prompt_codes = prompt_codes[:, -(self.limits.window_frames - 1):]
+            self.history = prompt_codes[:, -self.limits.context_frames:]
+            prompt_codes = prompt_codes[:, -(self.limits.context_frames - 1):]
         self._start_sequence(prompt_codes)
 
     def take(self, result: StepResult) -> torch.Tensor | None:
@@ -84,13 +84,13 @@ class FrameSource:
         if result.completed_frame is None or result.completed_frame < self.state.grid.prompt_frames:
             return None
         self.frames_done += 1
-        self.history = torch.cat([self.history, result.completed_codes[:, None]], dim=1)[:, -self.limits.window_frames:]
+        self.history = torch.cat([self.history, result.completed_codes[:, None]], dim=1)[:, -self.limits.context_frames:]
         return result.completed_codes
 
     def reprime(self) -> int:
         """The context window is full: a new sequence from the most recent frames, same conditioning. -> the
         frames kept."""
-        keep = self.history[:, -self.limits.reprime_frames:] if self.limits.reprime_frames else None
+        keep = self.history[:, -self.limits.reprime_keep_frames:] if self.limits.reprime_keep_frames else None
         self._start_sequence(keep)
         return 0 if keep is None else keep.shape[1]
 
@@ -113,8 +113,8 @@ class FrameSource:
         """Continue from these codes: alone (replace_context: an exact offline continuation of them), or after
         the recent context."""
         context = codes if replace_context else torch.cat([self.history, codes], dim=1)
-        keep = min(max(self.limits.reprime_frames, codes.shape[1]), self.limits.window_frames - 1)
-        self.history = context[:, -self.limits.window_frames:]
+        keep = min(max(self.limits.reprime_keep_frames, codes.shape[1]), self.limits.context_frames - 1)
+        self.history = context[:, -self.limits.context_frames:]
         self._start_sequence(context[:, -keep:])
 
     def release(self) -> None:
@@ -126,9 +126,9 @@ class FrameSource:
         total = None  # a bounded session whose rest fits in this window ends with this sequence
         if self.total_frames is not None:
             remaining = self.total_frames - self.frames_done
-            if prompt_frames + remaining <= self.limits.window_frames:
+            if prompt_frames + remaining <= self.limits.context_frames:
                 total = prompt_frames + remaining
-        frames = total if total is not None else self.limits.window_frames
+        frames = total if total is not None else self.limits.context_frames
         capacity = columns_for(frames, self.model.config.decoder.delays)
         self.state = self.model.start_sequence(self.encode_text(self.text), self.params, prompt_codes,
                                                total_frames=total, capacity=capacity)

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                              " bfloat16 with --quantize on a bf16 CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
-    parser.add_argument("--context-frames", type=int, help="decoder window before a re-prime (default 30 s)")
-    parser.add_argument("--reprime-frames", type=int, help="frames kept at a re-prime (default 40%% of window)")
+    parser.add_argument("--context-frames", type=int, help="context window in frames before a re-prime (default 30 s)")
+    parser.add_argument("--reprime-keep-frames", "--reprime-frames", dest="reprime_keep_frames", type=int,
+                        help="frames kept at a re-prime (default 40%% of the context window)")
     parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--stall-timeout", type=float, default=EngineConfig.stall_timeout_seconds,
                         help="end a session that waits at its lead this many seconds with no ack (paced) or no "
@@ -154,8 +155,8 @@ async def serve(args: argparse.Namespace) -> None:
                                     kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
-    engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, window_frames=args.context_frames,
-                                        reprime_frames=args.reprime_frames, stall_timeout_seconds=args.stall_timeout))
+    engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, context_frames=args.context_frames,
+                                        reprime_keep_frames=args.reprime_keep_frames, stall_timeout_seconds=args.stall_timeout))
     options = ServerOptions(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
                             token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key)
     running = await start_server(engine, options, warm_up=True)

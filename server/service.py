@@ -84,7 +84,7 @@ class MusicGenService:
             model_name=config.name, sample_rate=config.sampling_rate, channels=config.audio_channels,
             frame_rate=config.frame_rate, num_codebooks=config.decoder.num_codebooks,
             codebook_size=config.decoder.vocab_size, samples_per_frame=config.audio_encoder.hop_length,
-            max_context_frames=limits.window_frames, default_reprime_keep_frames=limits.reprime_frames,
+            max_context_frames=limits.context_frames, default_reprime_keep_frames=limits.reprime_keep_frames,
             exact_decoder_lookahead_frames=exact, max_sessions=self.engine.config.max_sessions,
             active_sessions=self.engine.active_sessions,
             supported_output_sample_rates=sorted({config.sampling_rate, *convert.SUPPORTED_OUTPUT_RATES}),

@@ -17,7 +17,7 @@ from musicgen_core import MusicGen, SamplingParams, StepResult, TextConditioning
 
 from .audio_out import AudioOut
 from .chunker import Chunker
-from .events import (AudioChunk, Event, Failure, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
+from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
                      SessionStats, Started)
 from .frames import FrameSource, Limits, TextEncodings
 
@@ -71,8 +71,8 @@ class Session:
             latency_samples=(latency.delay_steps + audio.send_lag_frames) * spf,
             latency_resampler_samples=(audio.send_lag_frames - audio.held_frames) * spf,
             latency_codebook_delay_samples=latency.delay_steps * spf,
-            latency_decoder_lookahead_samples=audio.held_frames * spf, context_frames=self.limits.window_frames,
-            reprime_frames=self.limits.reprime_frames, prompt_frames=self.state.grid.prompt_frames,
+            latency_decoder_lookahead_samples=audio.held_frames * spf, context_frames=self.limits.context_frames,
+            reprime_keep_frames=self.limits.reprime_keep_frames, prompt_frames=self.state.grid.prompt_frames,
             exact_decoding=latency.exact, lookahead_frames=audio.held_frames, paused=self.paused))
 
     # -- scheduling ---------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class Session:
         kept = self.source.reprime()
         self.stats.reprimes += 1
         self._notice(NoticeKind.CONTEXT_REPRIMED, self.source.frames_done,
-                     f"context window of {self.limits.window_frames} frames reached; continuing from the "
+                     f"context window of {self.limits.context_frames} frames reached; continuing from the "
                      f"last {kept} frames")
 
     # -- steering (applied between steps) ----------------------------------------------------------------

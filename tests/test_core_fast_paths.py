@@ -21,17 +21,22 @@ TEXT = "warm lofi beat with piano"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 40])
-def test_small_batch_linear_equals_f_linear(rows, monkeypatch):
-    monkeypatch.setattr(decoder_module, "TRANSPOSED_ROWS", {1, 2, 8, 40})
+def test_small_batch_linear_equals_f_linear(rows):
     generator = torch.Generator().manual_seed(rows)
     x, weight = torch.randn(rows, 64, generator=generator), torch.randn(96, 64, generator=generator)
-    assert torch.allclose(linear(x, weight), F.linear(x, weight), atol=1e-5)
+    assert torch.allclose(linear(x, weight, frozenset({1, 2, 8, 40})), F.linear(x, weight), atol=1e-5)
 
 
-def test_linear_calibration_records_only_row_counts_it_measured():
+def test_linear_calibration_returns_only_row_counts_it_measured():
     chosen = decoder_module.calibrate_linear(torch.randn(256, 128), rows_options=(1, 2), repeats=2)
-    assert chosen <= {1, 2} and decoder_module.TRANSPOSED_ROWS == chosen
-    decoder_module.TRANSPOSED_ROWS.clear()
+    assert chosen <= {1, 2}
+
+
+def test_a_decoder_takes_the_calibrated_form_in_every_linear_layer(mono_checkpoint):
+    model = MusicGen.from_pretrained(mono_checkpoint)
+    model.decoder.use_transposed_rows(frozenset({2}))
+    layers = [m for m in model.decoder.modules() if isinstance(m, decoder_module.FastLinear)]
+    assert layers and all(m.transposed_rows == {2} for m in layers)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +114,8 @@ def test_cpu_caches_skip_the_zero_fill_and_still_generate_the_same_codes(mono_ch
 def test_kv_cache_dtype_defaults_to_the_weights_and_to_bfloat16_with_int8_on_bf16_cpus(mono_checkpoint):
     assert MusicGen.from_pretrained(mono_checkpoint).decoder.allocate_cache(2, 8).keys.dtype == torch.float32
     int8 = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
-    from musicgen_core.model import _cpu_has_bf16
-    assert int8.decoder.allocate_cache(2, 8).keys.dtype == (torch.bfloat16 if _cpu_has_bf16() else torch.float32)
+    from musicgen_core.cpu import has_bf16
+    assert int8.decoder.allocate_cache(2, 8).keys.dtype == (torch.bfloat16 if has_bf16() else torch.float32)
     exact_cache = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.float32)
     assert exact_cache.decoder.allocate_cache(2, 8).keys.dtype == torch.float32
 

@@ -9,11 +9,12 @@ import torch
 
 from musicgen_core import MusicGen
 from musicgen_core import int8_kernel, quantize
+from musicgen_core.cpu import cpu_flags
 from musicgen_core.int8_kernel import (REQUIRED_CPU_FLAGS, Int8Linear, load_int8_kernel, quantize_weight,
                                        reference_linear)
 from musicgen_core.quantize import quantization_backend
 
-CPU_HAS_VNNI = all(flag in int8_kernel._cpu_flags() for flag in REQUIRED_CPU_FLAGS)
+CPU_HAS_VNNI = all(flag in cpu_flags() for flag in REQUIRED_CPU_FLAGS)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def measured_latency(model: MusicGen, output_rate: int, chunk_frames: int, looka
             spf = events[0].samples_per_frame
             lags.append(session.stats.steps * spf - (event.start_sample + event.pcm.shape[1]))
 
-    session = Session("latency", spec, model, Limits(window_frames=250, reprime_frames=100), sink)
+    session = Session("latency", spec, model, Limits(context_frames=250, reprime_keep_frames=100), sink)
     session.begin()
     for _ in range(steps):
         (result,) = model.step([session.state])

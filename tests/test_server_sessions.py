@@ -191,7 +191,7 @@ def test_append_audio_continues_exactly_as_an_offline_continuation(server, model
 
 
 def test_session_runs_past_the_position_limit_without_a_gap(model):
-    with ServerThread(model, EngineConfig(window_frames=40, reprime_frames=16)) as small:
+    with ServerThread(model, EngineConfig(context_frames=40, reprime_keep_frames=16)) as small:
         requests = RequestQueue(start_request(PROMPTS[3], sampling=GREEDY, unpaced=True, chunk_frames=10))
         call = small.stub().Session(iter(requests))
         chunks = []
