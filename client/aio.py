@@ -19,11 +19,11 @@ import numpy as np
 from musicgen.v1 import musicgen_pb2 as pb
 from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 
-from . import requests as rq
 from .connection import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Connection
 from .errors import MusicGenError, from_rpc_error
-from .events import AudioChunk, Encoding, Event, Finished, ModelInfo, Notice, Started, from_pb
-from .session import LiveSession, start_options
+from .events import AudioChunk, Event, EventTracker, Finished, ModelInfo, Started, from_pb
+from .requests import StartOptions, start_message
+from .session import LiveSession
 
 _SKIP = object()
 _END = object()
@@ -177,26 +177,24 @@ class AsyncLiveSession:
         self.close()
 
 
-class AsyncGeneration:
+class AsyncGeneration(EventTracker):
     """A one-shot generation (asyncio): `async for chunk in generation`; `started`, `notices`, `finished`."""
 
     def __init__(self, call, target: str):
+        super().__init__()
         self._call = call
         self._target = target
         self._cancelled = False
-        self.started: Started | None = None
-        self.finished: Finished | None = None
-        self.notices: list[Notice] = []
 
     async def _next(self) -> Event | None:
         while True:
             event = await _read(self._call, self._target, self._cancelled, self.started)
-            if isinstance(event, Notice):
-                self.notices.append(event)
-            elif isinstance(event, Finished):
-                self.finished = event
-            elif event is not _SKIP:
-                return event
+            if event is None:
+                return None
+            if event is not _SKIP:
+                self.track(event)
+                if isinstance(event, (Started, AudioChunk)):
+                    return event
 
     async def _open(self) -> None:
         first = await self._next()
@@ -248,38 +246,19 @@ class AsyncMusicGenClient:
             raise from_rpc_error(error, self.target) from None
         return ModelInfo.from_pb(reply)
 
-    async def generate(self, prompt: str = "", *, seconds: float | None = None, frames: int | None = None,
-                       sampling: rq.SamplingLike = None, chunk_frames: int = 0, sample_rate: int = 0,
-                       encoding: Encoding | str = Encoding.FLOAT32, lookahead: int | None = None,
-                       audio_prompt: np.ndarray | None = None, audio_prompt_rate: int | None = None,
-                       return_codes: bool = False) -> AsyncGeneration:
+    async def generate(self, prompt: str = "", options: StartOptions | None = None,
+                       **fields) -> AsyncGeneration:
         """As `MusicGenClient.generate`; returns once the server accepted the request."""
-        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
-                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
-                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
-                                return_codes=return_codes)
-        request = pb.GenerateRequest(request=options.to_pb(self.connection.max_message_bytes))
+        request = pb.GenerateRequest(request=start_message(prompt, options, fields, self.connection.max_message_bytes))
         call = self._stub.Generate(request, metadata=self.connection.metadata, timeout=self.stream_timeout)
         generation = AsyncGeneration(call, self.target)
         await generation._open()
         return generation
 
-    async def open_session(self, prompt: str = "", *, sampling: rq.SamplingLike = None,
-                           seconds: float | None = None, frames: int | None = None, chunk_frames: int = 0,
-                           sample_rate: int = 0, encoding: Encoding | str = Encoding.FLOAT32,
-                           lookahead: int | None = None, max_lead_seconds: float = 0.0, unpaced: bool = False,
-                           start_paused: bool = False, audio_prompt: np.ndarray | None = None,
-                           audio_prompt_rate: int | None = None, return_codes: bool = False,
-                           client_name: str = "", context_frames: int = 0,
-                           reprime_keep_frames: int = 0) -> AsyncLiveSession:
+    async def open_session(self, prompt: str = "", options: StartOptions | None = None,
+                           **fields) -> AsyncLiveSession:
         """As `MusicGenClient.open_session`; returns once Started has arrived."""
-        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
-                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
-                                max_lead_seconds=max_lead_seconds, unpaced=unpaced, start_paused=start_paused,
-                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
-                                return_codes=return_codes, client_name=client_name, context_frames=context_frames,
-                                reprime_keep_frames=reprime_keep_frames)
-        start = options.to_pb(self.connection.max_message_bytes)
+        start = start_message(prompt, options, fields, self.connection.max_message_bytes)
         if self._session_stub is None:
             self._session_channel = self.connection.channel()
             self._session_stub = pb_grpc.MusicGenStub(self._session_channel)

@@ -210,6 +210,32 @@ class ModelInfo:
 Event = Started | AudioChunk | Notice | Finished
 
 
+class EventTracker:
+    """What a stream's events have told so far, kept the same way by every client object (blocking and
+    asyncio generations and sessions): Started, Finished, the notices, the samples received."""
+
+    def __init__(self) -> None:
+        self.started: Started | None = None
+        self.finished: Finished | None = None
+        self.notices: list[Notice] = []
+        self.samples_received = 0  # output samples per channel in the chunks received so far
+
+    def track(self, event: "Event | None") -> None:
+        if isinstance(event, AudioChunk):
+            self.samples_received = event.end_sample
+        elif isinstance(event, Started):
+            self.started = event
+        elif isinstance(event, Notice):
+            self.notices.append(event)
+        elif isinstance(event, Finished):
+            self.finished = event
+
+    def has_every_frame(self, chunk: AudioChunk) -> bool:
+        """Does this chunk end a finite stream (every frame received)?"""
+        total = self.started.duration_frames if self.started else None
+        return total is not None and chunk.first_frame + chunk.frame_count >= total
+
+
 def decode_interleaved_pcm(pcm: bytes, encoding: Encoding, channels: int) -> np.ndarray:
     """Interleaved little-endian bytes -> (samples, channels) float32. int16 is divided by 32767, the inverse of
     the server's encoding (full scale 32767), so int16 -> float -> `encode_interleaved_pcm` is lossless."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from dataclasses import fields as fields_of
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def as_audio(samples: np.ndarray, field: str = "audio") -> np.ndarray:
 
 
 def audio_data(audio: np.ndarray, sample_rate: int, encoding: Encoding = Encoding.FLOAT32) -> pb.AudioData:
-    return pb.AudioData(pcm=encode_interleaved_pcm(audio, encoding), sample_rate=int(sample_rate), channels=audio.shape[1],
-                        encoding=encoding.to_pb)
+    return pb.AudioData(pcm=encode_interleaved_pcm(audio, encoding), sample_rate=int(sample_rate),
+                        channels=audio.shape[1], encoding=encoding.to_pb)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,21 @@ class StartOptions:
     client_name: str = ""
     context_frames: int = 0
     reprime_keep_frames: int = 0
+
+    @classmethod
+    def build(cls, prompt: str = "", options: "StartOptions | None" = None, **fields) -> "StartOptions":
+        """`options` (default: all defaults) with `prompt` and keyword fields replacing its own. `sampling` may
+        be a Sampling or a mapping of its fields, `encoding` an Encoding or its name; an unknown field is a
+        TypeError naming it. What the clients' generate and open_session take."""
+        unknown = sorted(set(fields) - {f.name for f in fields_of(cls)})
+        if unknown:
+            raise TypeError(f"unknown session option(s): {', '.join(unknown)}")
+        if "sampling" in fields:
+            fields["sampling"] = as_sampling(fields["sampling"])
+        if "encoding" in fields:
+            fields["encoding"] = Encoding(fields["encoding"])
+        base = options or cls()
+        return replace(base, prompt=prompt or base.prompt, **fields)
 
     def to_pb(self, max_message_bytes: int) -> pb.StartSession:
         start = pb.StartSession(prompt=self.prompt, sampling=self.sampling.to_pb(), chunk_frames=self.chunk_frames,
@@ -102,6 +118,12 @@ class StartOptions:
                                  "message; open the session with start_paused=True, append_audio(..., "
                                  "replace_context=True) and resume()")
         return start
+
+
+def start_message(prompt: str, options: StartOptions | None, fields: dict,
+                  max_message_bytes: int) -> pb.StartSession:
+    """The StartSession of a generate / open_session call (see StartOptions.build)."""
+    return StartOptions.build(prompt, options, **fields).to_pb(max_message_bytes)
 
 
 def set_prompt_request(text: str | None, sampling: Sampling) -> pb.SessionRequest:

@@ -21,16 +21,13 @@ from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from . import requests as rq
 from .connection import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Connection
 from .errors import MusicGenError, from_rpc_error
-from .events import AudioChunk, Encoding, Event, Finished, ModelInfo, Notice, Sampling, Started, from_pb
+from .events import AudioChunk, Event, EventTracker, Finished, ModelInfo, Sampling, Started, from_pb
+from .requests import StartOptions, start_message
 
 _END = object()  # ends the request stream (half-close)
 
 
-def start_options(prompt: str, sampling: rq.SamplingLike, encoding: Encoding | str, **fields) -> rq.StartOptions:
-    return rq.StartOptions(prompt=prompt, sampling=rq.as_sampling(sampling), encoding=Encoding(encoding), **fields)
-
-
-class SessionControl:
+class SessionControl(EventTracker):
     """Steering shared by the blocking and the asyncio session. Every method only queues a request, so it
     returns at once and may be called from any thread (or task) while audio flows.
 
@@ -41,9 +38,7 @@ class SessionControl:
     _max_message_bytes: int
 
     def __init__(self) -> None:
-        self.started: Started | None = None
-        self.finished: Finished | None = None
-        self.samples_received = 0  # output samples per channel in the chunks received so far
+        super().__init__()
         self.samples_acked = 0
         self._ack_lock = threading.Lock()
         self._requests_open = True
@@ -101,15 +96,10 @@ class SessionControl:
         self._end_requests()
 
     def _track(self, event: Event) -> None:
-        if isinstance(event, AudioChunk):
-            self.samples_received = event.end_sample
-            total = self.started.duration_frames if self.started else None
-            if total is not None and event.first_frame + event.frame_count >= total:
-                self._end_requests()  # every frame is here: the server is finishing
-        elif isinstance(event, Started):
-            self.started = event
+        self.track(event)
+        if isinstance(event, AudioChunk) and self.has_every_frame(event):
+            self._end_requests()  # every frame is here: the server is finishing
         elif isinstance(event, Finished):
-            self.finished = event
             self._end_requests()
 
     @property
@@ -198,17 +188,15 @@ class LiveSession(SessionControl):
         self.close()
 
 
-class Generation:
+class Generation(EventTracker):
     """A one-shot generation (blocking): iterate it for AudioChunks; `started`, `notices` and `finished` fill
     in as the stream goes. `audio()` collects everything as one (samples, channels) array."""
 
     def __init__(self, call, target: str):
+        super().__init__()
         self._call = call
         self._target = target
         self._cancelled = False
-        self.started: Started | None = None
-        self.finished: Finished | None = None
-        self.notices: list[Notice] = []
         first = self._next()
         if not isinstance(first, Started):
             raise MusicGenError(f"expected Started as the first event, got {first!r}")
@@ -225,11 +213,8 @@ class Generation:
                     return None
                 raise from_rpc_error(error, self._target) from None
             event = from_pb(message, self.started)
-            if isinstance(event, Notice):
-                self.notices.append(event)
-            elif isinstance(event, Finished):
-                self.finished = event
-            elif event is not None:
+            self.track(event)
+            if isinstance(event, (Started, AudioChunk)):
                 return event
 
     def __iter__(self) -> Iterator[AudioChunk]:
@@ -280,49 +265,25 @@ class MusicGenClient:
             raise from_rpc_error(error, self.target) from None
         return ModelInfo.from_pb(reply)
 
-    def generate(self, prompt: str = "", *, seconds: float | None = None, frames: int | None = None,
-                 sampling: rq.SamplingLike = None, chunk_frames: int = 0, sample_rate: int = 0,
-                 encoding: Encoding | str = Encoding.FLOAT32, lookahead: int | None = None,
-                 audio_prompt: np.ndarray | None = None, audio_prompt_rate: int | None = None,
-                 return_codes: bool = False) -> Generation:
-        """Generate `seconds` (or `frames`) of audio as fast as the server can; returns once the server has
-        accepted the request (bad parameters raise InvalidArgument here). Iterate the result for AudioChunks.
+    def generate(self, prompt: str = "", options: StartOptions | None = None, **fields) -> Generation:
+        """Generate audio as fast as the server can; returns once the server has accepted the request (bad
+        parameters raise InvalidArgument here). Iterate the result for AudioChunks.
 
-        sampling: a Sampling or a dict of its fields (guidance_scale, temperature, top_k, top_p, greedy, seed).
-        sample_rate: 0 = the model's, or 44100 / 48000. encoding: "float32" or "int16" on the wire (chunks are
-        float32 arrays either way). lookahead: decoder lookahead frames (None = exact). audio_prompt:
-        (samples,) or (samples, channels) to continue from, at audio_prompt_rate Hz.
+        options: a StartOptions; keyword fields (any of StartOptions': seconds or frames, sampling as a Sampling
+        or a dict of its fields, chunk_frames, sample_rate 0 / 44100 / 48000, encoding "float32" or "int16" on
+        the wire, lookahead, audio_prompt with audio_prompt_rate, return_codes, ...) replace its own.
         """
-        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
-                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
-                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
-                                return_codes=return_codes)
-        request = pb.GenerateRequest(request=options.to_pb(self.connection.max_message_bytes))
+        request = pb.GenerateRequest(request=start_message(prompt, options, fields, self.connection.max_message_bytes))
         call = self._stub.Generate(request, metadata=self.connection.metadata, timeout=self.stream_timeout)
         return Generation(call, self.target)
 
-    def open_session(self, prompt: str = "", *, sampling: rq.SamplingLike = None, seconds: float | None = None,
-                     frames: int | None = None, chunk_frames: int = 0, sample_rate: int = 0,
-                     encoding: Encoding | str = Encoding.FLOAT32, lookahead: int | None = None,
-                     max_lead_seconds: float = 0.0, unpaced: bool = False, start_paused: bool = False,
-                     audio_prompt: np.ndarray | None = None, audio_prompt_rate: int | None = None,
-                     return_codes: bool = False, client_name: str = "", context_frames: int = 0,
-                     reprime_keep_frames: int = 0) -> LiveSession:
+    def open_session(self, prompt: str = "", options: StartOptions | None = None, **fields) -> LiveSession:
         """Open a live session and wait for its Started event (bad parameters raise InvalidArgument, a full
-        server ResourceExhausted). seconds/frames None = unbounded (until stop or close).
-
-        max_lead_seconds: how far the server may run ahead of your acks (0 = server default, 2 s); unpaced:
-        ignore acks and generate as fast as possible; start_paused: generate nothing until resume().
-        The other arguments are those of `generate`.
-        """
-        options = start_options(prompt, sampling, encoding, seconds=seconds, frames=frames,
-                                chunk_frames=chunk_frames, sample_rate=sample_rate, lookahead=lookahead,
-                                max_lead_seconds=max_lead_seconds, unpaced=unpaced, start_paused=start_paused,
-                                audio_prompt=audio_prompt, audio_prompt_rate=audio_prompt_rate,
-                                return_codes=return_codes, client_name=client_name, context_frames=context_frames,
-                                reprime_keep_frames=reprime_keep_frames)
-        return LiveSession(self._stub, self.connection, options.to_pb(self.connection.max_message_bytes),
-                           self.stream_timeout)
+        server ResourceExhausted). Options as for `generate`, plus pacing: max_lead_seconds (how far the server
+        may run ahead of your acks; 0 = its default, 2 s), unpaced, start_paused; seconds/frames unset =
+        unbounded (until stop or close)."""
+        start = start_message(prompt, options, fields, self.connection.max_message_bytes)
+        return LiveSession(self._stub, self.connection, start, self.stream_timeout)
 
     def close(self) -> None:
         self._channel.close()

@@ -205,7 +205,8 @@ def map_channels(pcm: np.ndarray, channels: int) -> np.ndarray:
 
 
 def encode_planar_pcm(pcm: np.ndarray, encoding: Encoding) -> bytes:
-    """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32767) (full scale 32767, as the protocol says), clipped."""
+    """(channels, samples) float32 -> interleaved little-endian bytes; int16 = round(x * 32767), clipped (full
+    scale 32767, as the protocol says)."""
     interleaved = np.ascontiguousarray(pcm.T)
     if encoding is Encoding.INT16:
         return np.clip(np.round(interleaved * 32767.0), -32768, 32767).astype("<i2").tobytes()

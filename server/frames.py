@@ -84,7 +84,8 @@ class FrameSource:
         if result.completed_frame is None or result.completed_frame < self.state.grid.prompt_frames:
             return None
         self.frames_done += 1
-        self.history = torch.cat([self.history, result.completed_codes[:, None]], dim=1)[:, -self.limits.context_frames:]
+        recent = torch.cat([self.history, result.completed_codes[:, None]], dim=1)
+        self.history = recent[:, -self.limits.context_frames:]
         return result.completed_codes
 
     def reprime(self) -> int:

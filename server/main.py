@@ -156,7 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
     engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, context_frames=args.context_frames,
-                                        reprime_keep_frames=args.reprime_keep_frames, stall_timeout_seconds=args.stall_timeout))
+                                        reprime_keep_frames=args.reprime_keep_frames,
+                                        stall_timeout_seconds=args.stall_timeout))
     options = ServerOptions(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
                             token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key)
     running = await start_server(engine, options, warm_up=True)

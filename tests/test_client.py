@@ -447,3 +447,16 @@ def test_live_input_sends_what_the_device_captured(client):
                     session.stop()
     assert live.blocks_sent >= 2 and live.overflows == 0 and live.error is None
     assert appended[0].frame <= appended[1].frame and session.finished.reason is FinishReason.STOPPED
+
+
+def test_start_options_are_one_object_for_both_clients_with_keywords_on_top():
+    from client import Encoding, Sampling, StartOptions
+    from client.requests import start_message
+    base = StartOptions(frames=5, chunk_frames=2, sampling=Sampling(top_k=3))
+    built = StartOptions.build("warm lofi beat", base, encoding="int16", sampling={"greedy": True})
+    assert (built.frames, built.chunk_frames, built.encoding) == (5, 2, Encoding.INT16)
+    assert built.sampling == Sampling(greedy=True)  # a keyword replaces the field whole
+    message = start_message("warm lofi beat", base, {"encoding": "int16", "sampling": {"greedy": True}}, 1 << 22)
+    assert message == built.to_pb(1 << 22)
+    with pytest.raises(TypeError, match="unknown session option.*bogus"):
+        StartOptions.build("x", bogus=1)
