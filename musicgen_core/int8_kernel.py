@@ -38,7 +38,9 @@ _failure: str | None = None
 def kernel_build_directory() -> Path:
     """One directory per (source, torch, CPU): a kernel built with -march=native must not meet another CPU."""
     identity = hashlib.sha256()
-    identity.update(SOURCE.read_bytes())
+    for source in sorted(SOURCE.parent.iterdir()):  # the .cpp and the headers it includes
+        if source.suffix in (".cpp", ".h"):
+            identity.update(source.name.encode() + source.read_bytes())
     identity.update(torch.__version__.encode())
     identity.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("MUSICGEN_KERNEL_DIR", Path.home() / ".cache" / "musicgen-live" / "kernels"))

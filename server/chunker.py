@@ -71,7 +71,9 @@ class Chunker:
         return revision
 
     def ack(self, samples: int) -> None:
-        self.acked_samples = max(self.acked_samples, samples)
+        """Samples played (paced) or delivered (unpaced). The transport checks a client's acks against the
+        protocol (never decreasing, never past what it sent); here they are taken as they come."""
+        self.acked_samples = samples
         self.last_ack = time.monotonic()
 
     def stalled(self, now: float, timeout: float, waiting: bool) -> bool:
