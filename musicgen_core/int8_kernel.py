@@ -1,13 +1,14 @@
 """Our int8 matrix-vector kernel for the decoder's few-row steps, and the module that uses it.
 
 The decoder step reads every weight once for a handful of rows, so its speed is the speed of streaming the
-weights. fbgemm's dynamic int8 linear reaches 8-15 GB/s here at 2 rows; `kernels/int8_gemv.cpp` (AVX-512 VNNI)
-reaches 16-21 GB/s, near the machine's read bandwidth, and quantizes activations per row and weights per
-output channel, which halves the error of fbgemm's per-tensor scheme.
+weights. fbgemm's dynamic int8 linear reaches 8-15 GB/s here at 2 rows; `kernels/int8_gemv.cpp` (AVX-512 VNNI,
+or AVX2 + FMA on CPUs without it) reaches 16-21 GB/s with VNNI, near the machine's read bandwidth, and quantizes
+activations per row and weights per output channel, which halves the error of fbgemm's per-tensor scheme. Both
+instruction sets compute the same int32 sums, so both equal `reference_linear` bit for bit.
 
 The C++ source is compiled on first use with the machine's own instruction set (torch.utils.cpp_extension,
 which needs a C++ compiler and ninja) into a cache directory keyed by the source, torch and the CPU.
-Where that is impossible (no compiler, no AVX-512 VNNI) `load_int8_kernel` returns None and says why, and
+Where that is impossible (no compiler, neither AVX2 nor AVX-512 VNNI) `load_int8_kernel` returns None and says why, and
 `quantize_decoder` falls back to fbgemm.
 """
 
@@ -26,7 +27,9 @@ from torch import nn
 from .cpu import cpu_flags
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+# The kernel's instruction sets, best first, with the CPU flags each needs (compiled with -march=native, the
+# build uses the best one the machine has).
+KERNEL_ISAS = {"avx512-vnni": ("avx512f", "avx512bw", "avx512_vnni"), "avx2": ("avx2", "fma")}
 OUTPUT_BLOCK, INPUT_BLOCK = 16, 8  # the packed layout pads outputs and inputs to these
 STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old was left by a process that died building
 
@@ -53,9 +56,9 @@ def load_int8_kernel():
     global _kernel, _failure
     if _kernel is not None or _failure is not None:
         return _kernel
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
-    if platform.machine().lower() not in ("x86_64", "amd64") or missing:
-        _failure = f"this CPU lacks {', '.join(missing) or 'x86-64'}"
+    isa = kernel_isa(cpu_flags()) if platform.machine().lower() in ("x86_64", "amd64") else None
+    if isa is None:
+        _failure = f"this CPU lacks {', '.join(KERNEL_ISAS['avx2'])} (and AVX-512 VNNI)"
         return None
     try:
         directory = kernel_build_directory()
@@ -65,11 +68,20 @@ def load_int8_kernel():
         _failure = f"building {SOURCE.name} failed: {str(error).strip().splitlines()[-1] if str(error) else error!r}"
         log.warning("int8 kernel unavailable (%s); using fbgemm", _failure)
         return None
-    if not module.supported():
-        _failure = "the compiler did not enable AVX-512 VNNI"
+    if module.isa() != isa:
+        _failure = f"the compiler built the {module.isa()} kernel where this CPU has {isa}"
         return None
+    log.info("int8 kernel: %s", isa)
     _kernel = module
     return _kernel
+
+
+def kernel_isa(flags: frozenset[str] | set[str]) -> str | None:
+    """The kernel's instruction set for a CPU with these flags (the best it has), or None."""
+    for isa, needed in KERNEL_ISAS.items():
+        if all(flag in flags for flag in needed):
+            return isa
+    return None
 
 
 def _import_built(name: str, library: Path):

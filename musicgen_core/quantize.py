@@ -4,8 +4,8 @@ The decoder step is bound by reading its weights (1.7 GB in fp32 for musicgen-sm
 quarter of that. Only the decoder LM is quantized: the text encoder runs once per prompt and the codec is small.
 
 Schemes:
-- "int8": our AVX-512 VNNI kernel (int8_kernel.py: per-channel weights, per-row activations) where this CPU
-  and a compiler allow it, otherwise fbgemm (logged once).
+- "int8": our kernel (int8_kernel.py: per-channel weights, per-row activations; AVX-512 VNNI or AVX2 + FMA)
+  where this CPU and a compiler allow it, otherwise fbgemm (logged once).
 - "int8-fbgemm": torch.ao's dynamic quantized Linear (fbgemm on x86, qnnpack on Arm; per-tensor scales).
 """
 

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
-                        help="int8 decoder weights (CPU): int8 = our VNNI kernel where the CPU has it, else fbgemm")
+                        help="int8 decoder weights (CPU): int8 = our kernel (AVX-512 VNNI or AVX2), else fbgemm")
     parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
                         help="self-attention cache dtype (default: the weights' dtype;"
                              " bfloat16 with --quantize on a bf16 CPU)")

@@ -10,27 +10,39 @@ import torch
 from musicgen_core import MusicGen
 from musicgen_core import int8_kernel, quantize
 from musicgen_core.cpu import cpu_flags
-from musicgen_core.int8_kernel import (REQUIRED_CPU_FLAGS, Int8Linear, load_int8_kernel, quantize_weight,
+from musicgen_core.int8_kernel import (Int8Linear, kernel_isa, load_int8_kernel, quantize_weight,
                                        reference_linear)
 from musicgen_core.quantize import quantization_backend
 
-CPU_HAS_VNNI = all(flag in cpu_flags() for flag in REQUIRED_CPU_FLAGS)
+CPU_ISA = kernel_isa(cpu_flags())  # every x86-64 machine of this project has at least AVX2
 
 
 @pytest.fixture(scope="module")
 def kernel():
     module = load_int8_kernel()
-    if module is None and not CPU_HAS_VNNI:
-        pytest.skip(f"no AVX-512 VNNI on this CPU: {int8_kernel.int8_kernel_failure()}")
+    if module is None and CPU_ISA is None:
+        pytest.skip(f"neither AVX2 nor AVX-512 VNNI on this CPU: {int8_kernel.int8_kernel_failure()}")
     return module
 
 
-def test_kernel_is_built_exactly_when_the_cpu_has_vnni():
+def test_kernel_is_built_for_the_best_instruction_set_the_cpu_has():
     module = load_int8_kernel()
-    if CPU_HAS_VNNI:
+    if CPU_ISA is not None:
         assert module is not None and module.supported(), int8_kernel.int8_kernel_failure()
+        assert module.isa() == CPU_ISA
     else:
         assert module is None and "lacks" in int8_kernel.int8_kernel_failure()
+
+
+@pytest.mark.parametrize("flags,isa", [
+    ({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}, "avx512-vnni"),  # Ice Lake / Sapphire Rapids Xeon
+    ({"avx2", "fma", "avx512f", "avx512bw"}, "avx2"),  # Skylake-X: AVX-512 without VNNI
+    ({"avx2", "fma"}, "avx2"),  # Zen 2/3 EPYC, Haswell to Raptor Lake desktops
+    ({"avx2"}, None),  # no FMA: not a real CPU, refused rather than guessed
+    ({"sse4_2", "avx"}, None),
+], ids=["vnni", "avx512-no-vnni", "avx2", "avx2-no-fma", "pre-avx2"])
+def test_the_dispatcher_picks_the_kernel_for_each_flag_set(flags, isa):
+    assert kernel_isa(flags) == isa
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])

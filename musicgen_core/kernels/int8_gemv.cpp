@@ -1,4 +1,5 @@
-// Int8 x int8 matrix-vector products for the decoder's few-row steps (AVX-512 VNNI).
+// Int8 x int8 matrix-vector products for the decoder's few-row steps: AVX-512 VNNI, or AVX2 + FMA (every x86-64
+// CPU since Haswell / Zen), whichever the compiler was told the machine has (-march=native).
 //
 // A decoder step multiplies a handful of rows (2 per session with guidance) by every weight matrix once, so it
 // is bound by reading the weights. This kernel streams each int8 weight once and reuses it for up to 8 rows
@@ -19,21 +20,32 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define MUSICGEN_HAVE_VNNI 1
+#define MUSICGEN_HAVE_KERNEL 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MUSICGEN_HAVE_AVX2 1
+#define MUSICGEN_HAVE_KERNEL 1
 #endif
 
 namespace {
 
-bool supported() {
-#ifdef MUSICGEN_HAVE_VNNI
-  return true;
+// The instruction set this build's kernel uses: "avx512-vnni", "avx2", or "none".
+std::string isa() {
+#if defined(MUSICGEN_HAVE_VNNI)
+  return "avx512-vnni";
+#elif defined(MUSICGEN_HAVE_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "none";
 #endif
 }
+
+bool supported() { return isa() != "none"; }
 
 // Quantize rows of x (rows, in) into xq (rows, in_padded), zero-padded (128 = quantized 0); returns sx.
 // Vectorized where AVX-512 is on; both paths round half to even, as torch.round does. A row holding a NaN or
@@ -142,10 +154,78 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
 }
 #endif
 
+#ifdef MUSICGEN_HAVE_AVX2
+// The AVX-512 functions above, op for op on 8 lanes: the same IEEE operations in the same order, so the same
+// results lane by lane.
+inline __m256 erf_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.f)), _mm256_set1_ps(4.f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.10102402082508e-06f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-5.69250639462346e-05f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-7.34990630326855e-04f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.95459980854025e-03f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-1.60960333262415e-02f));
+  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.68282697438203e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-7.37332916720468e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.42647390514189e-02f));
+  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
+}
+
+inline __m256 gelu_ps(__m256 x) {
+  const __m256 e = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+  return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(e, _mm256_set1_ps(1.f)));
+}
+
+// Output block b (16 outputs, two halves of 8) for M rows, from the same packed layout as the VNNI kernel.
+// AVX2 has no u8 x s8 dot product into int32 that cannot saturate, so each 4-byte group is done as
+// |w| (u8) x (x - 128 with w's sign) (s8) -> int16 pairs (|pair| <= 2 x 127 x 127: no saturation) -> int32.
+// That sums exactly sum_i (xq[i] - 128) w[i], the VNNI kernel's total after its 128 x rowsum correction,
+// so the int32 totals, and the floats made from them the same way, are the same.
+template <int M>
+void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const int32_t* /*rowsum*/,
+                const float* scale, float* y, int64_t in_padded, int64_t out, int64_t b, bool gelu) {
+  const int8_t* block = packed + b * in_padded * 16;
+  __m256i acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i to_signed = _mm256_set1_epi8(static_cast<char>(0x80));  // u8 x -> x - 128 as s8
+  for (int64_t i = 0; i < in_padded; i += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(block + i * 16) + 4096, _MM_HINT_T0);
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 16));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 16 + 32));
+    const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+    for (int m = 0; m < M; ++m) {
+      int32_t x4;
+      std::memcpy(&x4, xq + m * in_padded + i, 4);
+      const __m256i xs = _mm256_xor_si256(_mm256_set1_epi32(x4), to_signed);
+      acc[m][0] = _mm256_add_epi32(acc[m][0],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xs, w0)), ones));
+      acc[m][1] = _mm256_add_epi32(acc[m][1],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xs, w1)), ones));
+    }
+  }
+  const int64_t valid = std::min<int64_t>(16, out - b * 16);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i masks[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lanes),
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid) - 8), lanes)};
+  for (int half = 0; half < 2; ++half) {
+    const __m256 weight_scale = _mm256_loadu_ps(scale + b * 16 + half * 8);
+    for (int m = 0; m < M; ++m) {
+      __m256 value = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][half]), weight_scale),
+                                   _mm256_set1_ps(sx[m]));
+      if (gelu) value = gelu_ps(value);
+      _mm256_maskstore_ps(y + m * out + b * 16 + half * 8, masks[half], value);
+    }
+  }
+}
+#endif
+
 // x: (..., in_features) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
                      int64_t in_features, int64_t out, bool gelu) {
-  TORCH_CHECK(supported(), "int8 kernel built without AVX-512 VNNI");
+  TORCH_CHECK(supported(), "int8 kernel built without AVX-512 VNNI or AVX2");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "int8 linear takes float32 CPU input");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
               packed.scalar_type() == torch::kInt8 && packed.is_contiguous(), "packed: int8 [out/16, in/4, 16, 4]");
@@ -162,7 +242,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   auto sx = torch::empty({rows}, flat.options());
   quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
   auto y = torch::empty({rows, out}, flat.options());
-#ifdef MUSICGEN_HAVE_VNNI
+#ifdef MUSICGEN_HAVE_KERNEL
   const uint8_t* q = xq.data_ptr<uint8_t>();
   const float* s = sx.data_ptr<float>();
   const int8_t* w = packed.data_ptr<int8_t>();
@@ -195,7 +275,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supported", &supported, "whether this build has the AVX-512 VNNI kernel");
+  m.def("supported", &supported, "whether this build has a kernel (AVX-512 VNNI or AVX2)");
+  m.def("isa", &isa, "the instruction set of this build's kernel: avx512-vnni, avx2 or none");
   // Both release the GIL while they compute, as torch's own operations do: the server's I/O threads run on.
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
