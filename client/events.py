@@ -212,7 +212,10 @@ Event = Started | AudioChunk | Notice | Finished
 
 class EventTracker:
     """What a stream's events have told so far, kept the same way by every client object (blocking and
-    asyncio generations and sessions): Started, Finished, the notices, the samples received."""
+    asyncio generations and sessions): Started, Finished, the notices, the samples received. A live session,
+    which may run for ever, does not keep its notices (its reader gets each one as an event)."""
+
+    keeps_notices = True
 
     def __init__(self) -> None:
         self.started: Started | None = None
@@ -225,7 +228,7 @@ class EventTracker:
             self.samples_received = event.end_sample
         elif isinstance(event, Started):
             self.started = event
-        elif isinstance(event, Notice):
+        elif isinstance(event, Notice) and self.keeps_notices:
             self.notices.append(event)
         elif isinstance(event, Finished):
             self.finished = event

@@ -36,6 +36,7 @@ class SessionControl(EventTracker):
     ended the call would otherwise race its status (grpc.aio turns such a failed write into INTERNAL)."""
 
     _max_message_bytes: int
+    keeps_notices = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -204,9 +204,9 @@ class MusicGenService:
         log.info("session=%s event=finished reason=%s frames=%d samples=%d steps=%d mean_step_ms=%.2f",
                  handle.id, finished.reason.value, finished.total_frames, finished.total_samples, finished.steps,
                  finished.mean_step_ms)
-        if aborting is not None:
-            await self._reject(context, aborting.code, aborting.details, handle.id)
-        if finished.reason is FinishReason.ERROR:
+        if finished.reason is FinishReason.ERROR:  # a bad request that came after a clean end is ignored
+            if aborting is not None:
+                await self._reject(context, aborting.code, aborting.details, handle.id)
             await self._reject(context, FAILURE_STATUS[finished.failure or Failure.INTERNAL], finished.message,
                                handle.id)
         if reader is not None:  # let the client half-close first, so its last writes are not lost

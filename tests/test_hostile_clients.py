@@ -213,3 +213,15 @@ def test_decoder_lookahead_above_the_exact_value_is_refused(server):
     events, error = raw_session(server, [start_request("x", decoder_lookahead_frames=exact, unpaced=True,
                                                        duration_frames=2).SerializeToString()])
     assert error is None and events[0].started.decoder_lookahead_frames == exact
+
+
+def test_a_bad_request_after_the_session_completed_is_ignored(server):
+    """A request that arrives once every frame has been generated changes nothing: Finished(COMPLETED), OK."""
+    queue = RequestQueue(start_request("x", unpaced=True, duration_frames=3, chunk_frames=1))
+    events = []
+    for event in server.stub().Session(iter(queue), timeout=30):
+        events.append(event)
+        if event.WhichOneof("event") == "finished":
+            queue.send(pb.SessionRequest(ack=pb.Ack(samples_played=10 ** 12)))  # would be INVALID_ARGUMENT
+            queue.close()
+    assert events[-1].finished.reason == pb.FINISH_REASON_COMPLETED  # and no RpcError was raised
