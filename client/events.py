@@ -194,6 +194,9 @@ class ModelInfo:
     max_chunk_frames: int
     default_max_lead_seconds: float
     max_lead_seconds: float
+    max_duration_seconds: float
+    stall_timeout_seconds: float  # a session waiting at its lead this long with no ack ends (DEADLINE_EXCEEDED)
+    unpaced_lead_seconds: float
     default_sampling: Sampling
     server_version: str
     device: str

@@ -1,7 +1,7 @@
 """EnCodec (SEANet encoder/decoder + residual vector quantizer), offline: whole signals in, whole signals out.
 
 Parameter names follow transformers' `EncodecModel`; weight norm is folded into plain `conv.weight` at load.
-The streaming decoder (streaming.py) reuses these modules' weights with explicit state.
+The streaming decoder (streaming_codec.py) reuses these modules' weights with explicit state.
 """
 
 from __future__ import annotations

@@ -43,6 +43,17 @@ class ServerThread:
     def stub(self) -> pb_grpc.MusicGenStub:
         return pb_grpc.MusicGenStub(self.channel())
 
+    def raw_session(self):
+        """The Session RPC taking raw bytes as requests (no client-side serialization), for bytes that do not
+        parse; events are parsed as usual."""
+        return self.channel().stream_stream("/musicgen.v1.MusicGen/Session", request_serializer=lambda data: data,
+                                            response_deserializer=pb.SessionEvent.FromString)
+
+    def raw_generate(self):
+        """The Generate RPC taking its request as raw bytes."""
+        return self.channel().unary_stream("/musicgen.v1.MusicGen/Generate", request_serializer=lambda data: data,
+                                           response_deserializer=pb.SessionEvent.FromString)
+
     def stop(self, grace: float = 5.0) -> None:
         if self.running is not None:
             asyncio.run_coroutine_threadsafe(self.running.stop(grace), self.loop).result(60)

@@ -460,3 +460,9 @@ def test_start_options_are_one_object_for_both_clients_with_keywords_on_top():
     assert message == built.to_pb(1 << 22)
     with pytest.raises(TypeError, match="unknown session option.*bogus"):
         StartOptions.build("x", bogus=1)
+
+
+def test_model_info_carries_every_limit_the_server_enforces(client):
+    info = client.model_info()
+    assert (info.max_duration_seconds, info.stall_timeout_seconds, info.unpaced_lead_seconds) == (86400, 10, 60)
+    assert info.dtype == "float32"

@@ -17,7 +17,6 @@ from server_harness import RequestQueue, ServerThread, collect, start_request
 
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 STALL_SECONDS = 0.5
-SESSION_METHOD = "/musicgen.v1.MusicGen/Session"
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,9 @@ def wait_until_idle(server, seconds: float = 10.0) -> int:
 
 def raw_session(server, messages: list[bytes], timeout: float = 30) -> tuple[list, grpc.RpcError | None]:
     """Send raw bytes as SessionRequests (no client-side serialization), then half-close."""
-    call = server.channel().stream_stream(SESSION_METHOD, request_serializer=lambda data: data,
-                                          response_deserializer=pb.SessionEvent.FromString)
     events = []
     try:
-        for event in call(iter(messages), timeout=timeout):
+        for event in server.raw_session()(iter(messages), timeout=timeout):
             events.append(event)
     except grpc.RpcError as error:
         return events, error
@@ -117,8 +114,7 @@ def test_undecodable_message_after_start_ends_the_session_at_once(server, caplog
     caplog.set_level(logging.INFO)
     queue = RequestQueue()
     queue.send(VALID_START)
-    call = server.channel().stream_stream(SESSION_METHOD, request_serializer=lambda data: data,
-                                          response_deserializer=pb.SessionEvent.FromString)(iter(queue), timeout=20)
+    call = server.raw_session()(iter(queue), timeout=20)
     events = [next(call)]
     assert events[0].WhichOneof("event") == "started"
     queue.send(b"\xff\xff\xff\xff")
@@ -131,10 +127,8 @@ def test_undecodable_message_after_start_ends_the_session_at_once(server, caplog
 
 
 def test_undecodable_generate_request_is_invalid_argument(server):
-    call = server.channel().unary_stream("/musicgen.v1.MusicGen/Generate", request_serializer=lambda data: data,
-                                         response_deserializer=pb.SessionEvent.FromString)
     with pytest.raises(grpc.RpcError) as error:
-        list(call(b"\x0a\x03\xff\xff\xff", timeout=10))
+        list(server.raw_generate()(b"\x0a\x03\xff\xff\xff", timeout=10))
     assert error.value.code() == INVALID and error.value.details().startswith("request: not a valid")
 
 

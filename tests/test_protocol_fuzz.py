@@ -75,11 +75,9 @@ def bystander(server):
 
 def run_case(server, problems, bystander, messages: list[bytes]) -> None:
     before = len(bystander)
-    call = server.channel().stream_stream("/musicgen.v1.MusicGen/Session", request_serializer=lambda data: data,
-                                          response_deserializer=pb.SessionEvent.FromString)
     code = grpc.StatusCode.OK
     try:
-        for _ in call(iter(messages), timeout=20):
+        for _ in server.raw_session()(iter(messages), timeout=20):
             pass
     except grpc.RpcError as error:
         code = error.code()
