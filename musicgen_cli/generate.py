@@ -7,11 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import musicgen_core  # noqa: F401  first: it sets libgomp's policy before torch loads libgomp (threads.py)
 import numpy as np
 import torch
 
 from musicgen_core import CheckpointError, MusicGen, PromptTooLongError
 from musicgen_core.quantize import QUANTIZATIONS
+from musicgen_core.threads import set_threads, thread_policy
 
 from . import wav
 
@@ -49,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads:
+            set_threads(args.threads)
         return _run(args)
     except (CheckpointError, PromptTooLongError, ValueError, FileNotFoundError) as error:
         print(f"musicgen-generate: error: {error}", file=sys.stderr)
@@ -89,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         "load_s": f"{load_seconds:.2f}", "wall_s": f"{wall:.2f}",
         "rtf": f"{(new_frames / model.config.frame_rate) / max(output.decode_seconds, 1e-9):.3f}",
         "out": args.out,
+        **{key: str(value).replace(" ", "-") for key, value in thread_policy().items()},
     }
     print(" ".join(f"{key}={value}" for key, value in stats.items()), file=sys.stderr)
     return 0

@@ -3,6 +3,10 @@
 Model math and per-sequence state only: no I/O beyond reading checkpoints, no networking.
 """
 
+from .threads import apply_gomp_policy
+
+apply_gomp_policy()  # before anything imports torch: libgomp reads its settings once, when torch loads it
+
 from .config import CheckpointError, MusicGenConfig
 from .generation import SequenceState, StepResult, step_sequences
 from .model import GenerationOutput, MusicGen, TextConditioning

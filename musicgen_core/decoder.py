@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import DecoderConfig
 from .state import CrossAttentionKV, KVCache
+from .threads import torch_single_threaded
 
 
 def _attention_backends(device: torch.device):
@@ -232,7 +233,9 @@ class MusicgenDecoder(nn.Module):
         """Advance a batch of sequences. tokens[i]: (codebooks, time) new input columns of sequence i, all
         sequences with the same `time`; caches[i] is extended in place. Returns logits[i]:
         (rows_i, codebooks, time or 1, vocab) in float32."""
-        with _attention_backends(self.layer_norm.weight.device):
+        pooled = self.layer_steps is not None and all(t.shape[1] == 1 for t in tokens)  # the kernel's pool steps
+        with _attention_backends(self.layer_norm.weight.device), \
+                torch_single_threaded() if pooled else contextlib.nullcontext():
             return self._forward(tokens, caches, crosses, last_only)
 
     def _forward(self, tokens, caches, crosses, last_only):

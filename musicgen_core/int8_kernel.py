@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .cpu import cpu_flags
+from .threads import KERNEL_SPIN_US
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
 # The kernel's instruction sets, best first, with the CPU flags each needs (compiled with -march=native, the
@@ -72,7 +73,13 @@ def load_int8_kernel():
         _failure = f"the compiler built the {module.isa()} kernel where this CPU has {isa}"
         return None
     log.info("int8 kernel: %s", isa)
+    module.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, False)
     _kernel = module
+    return _kernel
+
+
+def loaded_int8_kernel():
+    """The kernel module if this process has loaded it (nothing is built or loaded here)."""
     return _kernel
 
 

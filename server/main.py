@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import musicgen_core  # noqa: F401  first: it sets libgomp's policy before torch loads libgomp (threads.py)
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from musicgen_core import CheckpointError, MusicGen
 from musicgen_core.quantize import QUANTIZATIONS
+from musicgen_core.threads import set_threads, thread_policy
 
 from .engine import Engine, EngineConfig, call_in_fresh_thread
 from .service import SERVICE_NAME, MusicGenService, add_to_server
@@ -109,6 +111,8 @@ async def start_server(engine: Engine, options: ServerOptions, warm_up: bool = F
     if port == 0:
         raise OSError(f"cannot bind {address}")
     engine.start()
+    policy = " ".join(f"{key}={str(value).replace(' ', '-')}" for key, value in thread_policy().items())
+    log.info("event=threads %s", policy)
     if warm_up:
         seconds = await asyncio.to_thread(engine.warm_up)
         log.info("event=warmed_up seconds=%.2f", seconds)
@@ -178,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads:
+            set_threads(args.threads)
         asyncio.run(serve(args))
     except (CheckpointError, ValueError, OSError) as error:
         print(f"musicgen-server: error: {error}", file=sys.stderr)

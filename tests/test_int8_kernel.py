@@ -258,3 +258,56 @@ def test_a_stale_build_lock_is_removed_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kwargs: seen.setdefault("lock", lock.exists()))
     int8_kernel._build("musicgen_int8_test", directory)
     assert seen == {"lock": False}
+
+
+@pytest.mark.parametrize("threads, chunk_bytes, openmp", [(1, 2 << 20, False), (2, 1, False), (3, 1, False),
+                                                          (2, 2 << 20, True)],
+                         ids=["pool-alone", "pool-2-every-attention-cut", "pool-3-every-attention-cut", "openmp"])
+def test_the_cpp_layers_give_the_same_bits_however_the_work_is_shared(mono_checkpoint, kernel, threads,
+                                                                      chunk_bytes, openmp):
+    """The elastic pool (any thread count, attention cut by rows and heads) and OpenMP's fixed shares all give
+    the logits of the Python layers bit for bit: each output is computed whole by one thread."""
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+    fused_steps = model.decoder.layer_steps
+    conditionings = model.encode_text(["warm lofi beat", "dark techno"])
+    params = [model.default_sampling(greedy=True), model.default_sampling(greedy=True, guidance_scale=1.0)]
+    fused = [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
+    plain = [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
+    saved = kernel.parallel()
+    kernel.set_parallel(threads, 20, openmp, chunk_bytes)
+    try:
+        with torch.inference_mode():
+            for _ in range(6):
+                model.decoder.layer_steps = fused_steps
+                got = model.decoder([s.pending_columns() for s in fused], [s.cache for s in fused],
+                                    [s.cross for s in fused])
+                model.decoder.layer_steps = None
+                expected = model.decoder([s.pending_columns() for s in plain], [s.cache for s in plain],
+                                         [s.cross for s in plain])
+                assert all(torch.equal(a, b) for a, b in zip(got, expected))
+                for states, logits in ((fused, got), (plain, expected)):
+                    for state, value in zip(states, logits):
+                        state.grid.place(value[0, :, -1].argmax(-1))
+    finally:
+        kernel.set_parallel(*saved[:3], saved[3])
+
+
+def test_the_pool_runs_a_linear_with_any_thread_count_to_the_same_bits(kernel):
+    torch.manual_seed(3)
+    weight, x = torch.randn(2048, 72), torch.randn(5, 72)  # 128 output blocks: 3 chunks of ~64 KB
+    values, scale = int8_kernel.quantize_weight(weight)
+    packed, rowsum, scales = int8_kernel.pack(values, scale)
+    saved = kernel.parallel()
+    try:
+        results = []
+        for threads in (1, 2, 4):
+            kernel.set_parallel(threads, 0, False)
+            results.append(kernel.linear(x, packed, rowsum, scales, 72, 2048, False))
+        assert all(torch.equal(r, int8_kernel.reference_linear(x, values, scale)) for r in results)
+    finally:
+        kernel.set_parallel(*saved[:3], saved[3])
+
+
+def test_set_parallel_refuses_nonsense(kernel):
+    with pytest.raises(RuntimeError, match="threads >= 1"):
+        kernel.set_parallel(0, 20, False)

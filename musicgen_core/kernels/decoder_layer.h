@@ -2,11 +2,23 @@
 // the one translation unit that includes this header and binds both to Python).
 #pragma once
 
+#include <omp.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "elastic_pool.h"
+
 namespace {
+
+// A/B only (bench_shared_cpu.py): run the kernel's linears and the layer's attention as before the elastic pool,
+// at::parallel_for and torch's own threads, OpenMP's fixed shares.
+bool g_use_openmp = false;
+// A sequence's attention is cut into a chunk per this many bytes of KV cache read (2 MB measured; the tests
+// lower it to cut every attention), at most kMaxAttentionChunks.
+int64_t g_attention_chunk_bytes = 2 << 20;
+constexpr int64_t kMaxAttentionChunks = 4;
 
 // Defined in int8_gemv.cpp: x (..., in_features) float32 @ the dequantized packed weight, then GELU if gelu.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
@@ -42,28 +54,28 @@ class DecoderLayerStep {
       return heads.to(x.scalar_type()).transpose(1, 2).reshape({rows, 1, width});
     };
 
+    c10::optional<TorchSingleThreaded> single;  // the pool runs it all: a team of torch's would contend with it
+    if (!g_use_openmp) single.emplace();
     auto h = at::layer_norm(x, {width}, norms_[0], norms_[1], eps_[0]);
     auto qkv = apply(0, h).chunk(3, -1);
     auto q = split_heads(qkv[0]), k = split_heads(qkv[1]), v = split_heads(qkv[2]);
-    std::vector<torch::Tensor> outputs;
+    std::vector<Attention> self_attention;
     for (size_t i = 0; i < sequences; ++i) {
       const int64_t r0 = bounds[i], r1 = bounds[i + 1], end = lengths[i] + 1;
       keys[i].slice(2, lengths[i], end).copy_(k.slice(0, r0, r1));
       values[i].slice(2, lengths[i], end).copy_(v.slice(0, r0, r1));
-      outputs.push_back(at::scaled_dot_product_attention(
-          q.slice(0, r0, r1).to(keys[i].scalar_type()), keys[i].slice(2, 0, end), values[i].slice(2, 0, end),
-          c10::nullopt, 0.0, false, c10::nullopt, false));
+      self_attention.push_back({q.slice(0, r0, r1).to(keys[i].scalar_type()), keys[i].slice(2, 0, end),
+                                values[i].slice(2, 0, end), c10::nullopt});
     }
-    x = x + apply(1, merge(outputs));
+    x = x + apply(1, merge(attend(self_attention)));
 
     h = at::layer_norm(x, {width}, norms_[2], norms_[3], eps_[1]);
     q = split_heads(apply(2, h));
-    outputs.clear();
+    std::vector<Attention> cross_attention;
     for (size_t i = 0; i < sequences; ++i)
-      outputs.push_back(at::scaled_dot_product_attention(q.slice(0, bounds[i], bounds[i + 1]), cross_keys[i],
-                                                         cross_values[i], cross_masks[i], 0.0, false, c10::nullopt,
-                                                         false));
-    x = x + apply(3, merge(outputs));
+      cross_attention.push_back({q.slice(0, bounds[i], bounds[i + 1]), cross_keys[i], cross_values[i],
+                                 cross_masks[i]});
+    x = x + apply(3, merge(attend(cross_attention)));
 
     h = at::layer_norm(x, {width}, norms_[4], norms_[5], eps_[2]);
     auto hidden = apply(4, h);
@@ -72,6 +84,76 @@ class DecoderLayerStep {
   }
 
  private:
+  struct Attention {
+    torch::Tensor query, keys, values;
+    c10::optional<torch::Tensor> mask;
+  };
+
+  // torch's threads at 1 on this thread for the layer, restored after (a per-thread OpenMP setting; torch's
+  // first parallel call on a thread sets it from the global count, so that call is made first).
+  struct TorchSingleThreaded {
+    int saved = (at::get_num_threads(), omp_get_max_threads());
+    TorchSingleThreaded() { omp_set_num_threads(1); }
+    ~TorchSingleThreaded() { omp_set_num_threads(saved); }
+  };
+
+  // Each sequence's attention, cut into chunks the pool's threads share where it reads enough of the KV cache
+  // to be worth it (~40% of a step at 600 frames of context; a call costs ~20 us, more than a short attention):
+  // by rows (guidance gives two), else by heads. Every (row, head) is computed on its own by
+  // scaled_dot_product_attention, so a slice gives the same values as the whole call.
+  std::vector<torch::Tensor> attend(const std::vector<Attention>& parts) const {
+    struct Unit {
+      size_t part;
+      int64_t r0, r1, h0, h1;
+    };
+    std::vector<Unit> units;
+    std::vector<torch::Tensor> outputs;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const auto& keys = parts[i].keys;
+      const int64_t rows = keys.size(0);
+      const int64_t bytes = 2 * rows * heads_ * keys.size(2) * keys.size(3) * keys.element_size();
+      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / g_attention_chunk_bytes, 1, kMaxAttentionChunks);
+      if (chunks == 1) {
+        units.push_back({i, 0, rows, 0, heads_});
+        outputs.emplace_back();  // the whole call's output, made where it runs
+        continue;
+      }
+      if (rows > 1) {
+        for (int64_t r = 0; r < rows; ++r) units.push_back({i, r, r + 1, 0, heads_});
+      } else {
+        const int64_t per_chunk = (heads_ + chunks - 1) / chunks;
+        for (int64_t h0 = 0; h0 < heads_; h0 += per_chunk) units.push_back({i, 0, 1, h0, std::min(heads_, h0 + per_chunk)});
+      }
+      outputs.push_back(at::empty({rows, heads_, 1, parts[i].values.size(3)}, parts[i].query.options()));
+    }
+    auto run_unit = [&](const Unit& unit) {
+      const auto& part = parts[unit.part];
+      auto cut = [&](const torch::Tensor& t) { return t.slice(0, unit.r0, unit.r1).slice(1, unit.h0, unit.h1); };
+      c10::optional<torch::Tensor> mask;
+      if (part.mask) {  // (rows, 1 or heads, 1, keys)
+        mask = part.mask->slice(0, unit.r0, unit.r1);
+        if (mask->size(1) != 1) mask = mask->slice(1, unit.h0, unit.h1);
+      }
+      auto result = at::scaled_dot_product_attention(cut(part.query), cut(part.keys), cut(part.values), mask, 0.0,
+                                                     false, c10::nullopt, false);
+      if (outputs[unit.part].defined())  // made beforehand only for a part that was cut
+        cut(outputs[unit.part]).copy_(result);
+      else
+        outputs[unit.part] = result;
+    };
+    if (units.size() == parts.size()) {  // nothing cut: no pool
+      for (const auto& unit : units) run_unit(unit);
+      return outputs;
+    }
+    const at::ThreadLocalState caller_state;  // inference mode and the rest, for the helpers' torch calls
+    musicgen::ElasticPool::instance().run(static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard same_state(caller_state);
+      TorchSingleThreaded single;  // a helper's own sdpa must not start a team either
+      for (int64_t u = begin; u < end; ++u) run_unit(units[u]);
+    });
+    return outputs;
+  }
+
   torch::Tensor apply(size_t index, const torch::Tensor& input) const {
     return linear(input, linears_[3 * index], linears_[3 * index + 1], linears_[3 * index + 2], ins_[index],
                   outs_[index], gelus_[index]);

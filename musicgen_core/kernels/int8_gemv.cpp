@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "elastic_pool.h"  // the threads that run `linear`
 #include "decoder_layer.h"  // the one-column decoder layer built on `linear` below
 
 #include <algorithm>
@@ -222,6 +223,22 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
 }
 #endif
 
+
+// The threads that run the kernel, the caller included, and how long idle ones spin before they sleep.
+void set_parallel(int64_t threads, int64_t spin_us, bool use_openmp, int64_t attention_chunk_bytes) {
+  TORCH_CHECK(threads >= 1 && spin_us >= 0 && attention_chunk_bytes >= 1, "set_parallel: threads >= 1, spin_us >= 0, "
+              "attention_chunk_bytes >= 1");
+  g_use_openmp = use_openmp;
+  g_attention_chunk_bytes = attention_chunk_bytes;
+  musicgen::ElasticPool::instance().set_threads(static_cast<int>(threads));
+  musicgen::ElasticPool::instance().set_spin_us(static_cast<int>(spin_us));
+}
+
+std::vector<int64_t> parallel() {
+  auto& pool = musicgen::ElasticPool::instance();
+  return {pool.threads(), pool.spin_us(), g_use_openmp ? 1 : 0, g_attention_chunk_bytes};
+}
+
 // x: (..., in_features) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
                      int64_t in_features, int64_t out, bool gelu) {
@@ -252,7 +269,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   // Groups of up to 8 rows share each weight load. With more rows (a prefill), the rows are walked over a tile
   // of ~256 KB of weights at a time, so the tile stays in L2 while every row group passes over it.
   const int64_t tile = std::max<int64_t>(1, (256 * 1024) / (in_padded * 16));
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
       const int64_t t1 = std::min(b1, t0 + tile);
       int64_t m = 0;
@@ -265,7 +282,15 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
       for (; m < rows; ++m)
         for (int64_t b = t0; b < t1; ++b) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
     }
-  });
+  };
+  if (g_use_openmp) {
+    at::parallel_for(0, blocks, 4, body);
+  } else {
+    // Chunks of ~64 KB of weights for a step's few rows (fine enough to even out a helper that runs late), of
+    // one L2 tile for a prefill's many.
+    const int64_t chunk = rows > 8 ? tile : std::max<int64_t>(1, (64 * 1024) / (in_padded * 16));
+    musicgen::ElasticPool::instance().run(blocks, chunk, body);
+  }
 #endif
   auto shape = x.sizes().vec();
   shape.back() = out;
@@ -278,6 +303,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this build has a kernel (AVX-512 VNNI or AVX2)");
   m.def("isa", &isa, "the instruction set of this build's kernel: avx512-vnni, avx2 or none");
   // Both release the GIL while they compute, as torch's own operations do: the server's I/O threads run on.
+  m.def("set_parallel", &set_parallel, "threads (caller included), idle spin in us, OpenMP instead (A/B only), "
+        "KV bytes per attention chunk", pybind11::arg("threads"), pybind11::arg("spin_us"), pybind11::arg("use_openmp"),
+        pybind11::arg("attention_chunk_bytes") = 2 << 20);
+  m.def("parallel", &parallel, "[threads, spin_us, uses OpenMP, attention_chunk_bytes]");
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
