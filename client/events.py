@@ -125,6 +125,7 @@ class AudioChunk:
     prompt_revision: int
     sampling: Sampling
     codes: np.ndarray | None = None  # (frames, codebooks) int64, with return_codes only
+    realtime_factor: float = 0.0  # the session's running real-time factor on the server (0: not yet measured)
 
     @property
     def sample_count(self) -> int:
@@ -197,6 +198,7 @@ class ModelInfo:
     max_duration_seconds: float
     stall_timeout_seconds: float  # a session waiting at its lead this long with no ack ends (DEADLINE_EXCEEDED)
     unpaced_lead_seconds: float
+    engine_realtime_factor: float  # the server's headroom: > 1 keeps up (0 before its first step)
     default_sampling: Sampling
     server_version: str
     device: str
@@ -288,7 +290,8 @@ def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:
         return AudioChunk(sequence=chunk.sequence, start_sample=chunk.start_sample, first_frame=chunk.first_frame,
                           frame_count=chunk.frame_count, audio=decode_interleaved_pcm(chunk.pcm, encoding, channels),
                           prompt=chunk.prompt, prompt_revision=chunk.prompt_revision,
-                          sampling=Sampling.from_pb(chunk.sampling), codes=codes)
+                          sampling=Sampling.from_pb(chunk.sampling), codes=codes,
+                          realtime_factor=chunk.realtime_factor)
     if kind == "notice":
         notice = message.notice
         return Notice(kind=_NOTICE_KINDS.get(notice.kind, NoticeKind.OTHER), frame=notice.frame, sample=notice.sample,

@@ -222,7 +222,8 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
                               frame_count=event.frame_count,
                               pcm=encode_planar_pcm(map_channels(event.pcm, spec.output_channels), spec.encoding),
                               prompt=event.prompt, prompt_revision=event.prompt_revision,
-                              sampling=sampling_to_pb(event.params))
+                              sampling=sampling_to_pb(event.params),
+                              realtime_factor=event.realtime_factor or 0.0)
         if return_codes:
             chunk.codes.extend(event.codes.T.reshape(-1).tolist())
         return pb.SessionEvent(audio=chunk)

@@ -23,6 +23,7 @@ from musicgen_core import MusicGen, SamplingParams
 
 from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
+from .headroom import EngineHeadroom
 from .session import Limits, Session, TextEncodings
 
 log = logging.getLogger("musicgen.engine")
@@ -194,6 +195,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counter = itertools.count(1)
         self.steps = 0
+        self.headroom = EngineHeadroom(1 / model.config.frame_rate)
         self.text_encodings = TextEncodings(model)  # shared by the sessions, used on the scheduler thread only
 
     @staticmethod
@@ -368,6 +370,10 @@ class Engine:
         self.steps += 1
         for session, result in zip(ready, results):
             self._guard(session, lambda: session.after_step(result, seconds, len(ready)))
+        busy = time.perf_counter() - started  # the step and every stepped session's codec and chunks
+        self.headroom.add_turn(busy, len(ready))
+        for session in ready:
+            session.rate.add(self.headroom.frame_seconds, busy)
         self._forget_finished()
 
     def _step_alone(self, session: Session) -> None:

@@ -85,6 +85,7 @@ class AudioChunk:
     prompt: str
     prompt_revision: int
     params: SamplingParams
+    realtime_factor: float | None = None  # the session's running figure when sent (headroom.py)
 
 
 class NoticeKind(Enum):

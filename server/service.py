@@ -95,6 +95,7 @@ class MusicGenService:
             max_duration_seconds=convert.MAX_DURATION_SECONDS,
             stall_timeout_seconds=self.engine.config.stall_timeout_seconds,
             unpaced_lead_seconds=convert.UNPACED_LEAD_SECONDS,
+            engine_realtime_factor=self.engine.headroom.realtime_factor or 0.0,
             default_sampling=convert.sampling_to_pb(self.model.default_sampling()),
             server_version=self.version, device=str(self.model.device), dtype=self._dtype_name())
 

@@ -9,6 +9,7 @@ engine's commands (engine.py), which call these methods between decoder steps.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from .chunker import Chunker
 from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
                      SessionStats, Started)
 from .frames import FrameSource, Limits, TextEncodings
+from .headroom import RunningRate
 
 __all__ = ["Limits", "Session", "TextEncodings"]
 
@@ -39,6 +41,7 @@ class Session:
         self.paused = spec.start_paused
         self.finished = False
         self.stats = SessionStats()
+        self.rate = RunningRate()  # running real-time factor, fed by the engine after each turn it steps in
         self.created = time.monotonic()
 
     @property
@@ -117,7 +120,7 @@ class Session:
 
     def _send(self, final: bool = False, force: bool = False) -> None:
         for chunk in self.chunker.chunks(final, force):
-            self.sink(chunk)
+            self.sink(replace(chunk, realtime_factor=self.rate.realtime_factor))
 
     def reprime(self) -> None:
         """The context window is full: start again from the most recent frames. The codec state is untouched,

@@ -206,6 +206,13 @@ def test_generate_returns_chunks_and_metadata(client):
     assert all(c.audio.dtype == np.float32 and np.abs(c.audio).max() <= 1.0 for c in chunks)
 
 
+def test_the_servers_headroom_reaches_the_client(client):
+    """Each chunk carries its session's running real-time factor; ModelInfo the engine's."""
+    chunks = list(client.generate("funky bass", frames=12, sampling=GREEDY, chunk_frames=4))
+    assert all(c.realtime_factor > 0 for c in chunks)
+    assert client.model_info().engine_realtime_factor > 0
+
+
 def test_async_client_matches_the_blocking_one(server, client):
     reference = client.generate("ambient pad", frames=30, sampling=GREEDY).audio()
 
