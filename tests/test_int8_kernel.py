@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -311,3 +312,39 @@ def test_the_pool_runs_a_linear_with_any_thread_count_to_the_same_bits(kernel):
 def test_set_parallel_refuses_nonsense(kernel):
     with pytest.raises(RuntimeError, match="threads >= 1"):
         kernel.set_parallel(0, 20, False)
+
+
+STRESS = """
+import sys, torch
+from musicgen_core import int8_kernel
+kernel = int8_kernel.load_int8_kernel()
+kernel.set_parallel(int(sys.argv[1]), 1000, False)  # spinning helpers race every claim
+torch.manual_seed(0)
+cases = []
+for out in (1024, 4096, 2048, 8192):  # 256 inputs: regions of 4, 16, 8 and 32 chunks, one after another
+    values, scale = int8_kernel.quantize_weight(torch.randn(out, 256))
+    x = torch.randn(2, 256)
+    cases.append((x, *int8_kernel.pack(values, scale), out, int8_kernel.reference_linear(x, values, scale)))
+for i in range(int(sys.argv[2])):
+    x, packed, rowsum, scales, out, expected = cases[i % len(cases)]
+    assert torch.equal(kernel.linear(x, packed, rowsum, scales, 256, out, False), expected), i
+print("ok")
+"""
+
+
+def test_the_pool_survives_many_regions_of_changing_sizes_with_more_threads_than_cores(kernel):
+    """Threads that outnumber the cores are descheduled mid-region all the time: every region still ends, with
+    the reference's bits (a helper that claimed against the next region's count once hung the caller here)."""
+    import subprocess
+    import sys
+
+    threads = 2 * (os.cpu_count() or 2)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:  # processes that preempt the caller anywhere, inside the few instructions that publish a region too
+        result = subprocess.run([sys.executable, "-c", STRESS, str(threads), "100000"], capture_output=True,
+                                text=True, timeout=240)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -73,17 +73,17 @@ class ElasticPool {
     chunk = std::max<int64_t>(1, chunk);
     const int64_t chunks = (n + chunk - 1) / chunk;
     std::unique_lock<std::mutex> running(run_mutex_, std::try_to_lock);
-    if (!running.owns_lock() || forked_ || active_helpers_.load() == 0 || chunks == 1) {
+    if (!running.owns_lock() || forked_ || active_helpers_.load() == 0 || chunks == 1 || chunks > kFieldMask) {
       body(0, n);
       return;
     }
     body_.store(&body);
     n_.store(n);
     chunk_.store(chunk);
-    chunks_.store(chunks);
     finished_.store(0);
-    const uint64_t generation = (counter_.load() >> 32) + 1;
-    counter_.store(generation << 32);  // seq_cst, against the helpers' sleepers_ (see wake_helpers)
+    const uint64_t generation = (generation_of(counter_.load()) + 1) & kGenerationMask;
+    // seq_cst, against the helpers' sleepers_ (see wake_helpers)
+    counter_.store(generation << kGenerationShift | static_cast<uint64_t>(chunks) << kChunksShift);
     wake_helpers();
     work(generation);
     wait_finished(chunks);
@@ -95,14 +95,24 @@ class ElasticPool {
  private:
   ElasticPool() = default;
 
+  // The one word threads claim chunks from: generation (24 bits) | the region's chunk count (20) | next chunk
+  // to claim (20). The count is in the word, not beside it: a thread that saw an old region in full must not
+  // claim against a new region's count before that region's generation is published (that over-counted
+  // `finished_` and hung the caller under load).
+  static constexpr int kChunksShift = 20, kGenerationShift = 40;
+  static constexpr uint64_t kFieldMask = (1u << 20) - 1, kGenerationMask = (1u << 24) - 1;
+  static uint64_t generation_of(uint64_t word) { return word >> kGenerationShift; }
+  static int64_t chunks_of(uint64_t word) { return static_cast<int64_t>(word >> kChunksShift & kFieldMask); }
+  static int64_t next_of(uint64_t word) { return static_cast<int64_t>(word & kFieldMask); }
+
   // Claims and runs chunks of the region `generation` until none are left (or a newer region began).
   void work(uint64_t generation) {
     uint64_t seen = counter_.load();
-    while ((seen >> 32) == generation && static_cast<int64_t>(seen & 0xffffffffu) < chunks_.load()) {
+    while (generation_of(seen) == generation && next_of(seen) < chunks_of(seen)) {
       if (!counter_.compare_exchange_weak(seen, seen + 1)) continue;  // seen is reloaded
       // A claim in this generation: the caller is still waiting for it, so the region's fields (written before
       // the generation was published) cannot change until this chunk is counted finished.
-      const int64_t chunk = chunk_.load(), chunks = chunks_.load(), begin = static_cast<int64_t>(seen & 0xffffffffu) * chunk;
+      const int64_t chunk = chunk_.load(), chunks = chunks_of(seen), begin = next_of(seen) * chunk;
       try {
         (*body_.load())(begin, std::min(n_.load(), begin + chunk));
       } catch (...) {  // kept for the caller to rethrow: an exception must not end a helper (or the process)
@@ -128,14 +138,16 @@ class ElasticPool {
   void helper_loop(int index) {
     uint64_t seen_generation = 0;
     for (;;) {
-      auto new_region = [&] { return (counter_.load() >> 32) != seen_generation && index < active_helpers_.load(); };
+      auto new_region = [&] {
+        return generation_of(counter_.load()) != seen_generation && index < active_helpers_.load();
+      };
       if (!spin_until(new_region)) {
         std::unique_lock<std::mutex> lock(wake_mutex_);
         sleepers_.fetch_add(1);
         wake_.wait(lock, new_region);
         sleepers_.fetch_sub(1);
       }
-      seen_generation = counter_.load() >> 32;
+      seen_generation = generation_of(counter_.load());
       work(seen_generation);
     }
   }
@@ -159,9 +171,9 @@ class ElasticPool {
   }
 
   std::mutex run_mutex_;                      // one region at a time
-  std::atomic<uint64_t> counter_{0};          // region generation << 32 | next chunk to claim
+  std::atomic<uint64_t> counter_{0};          // generation | chunks | next chunk (see kChunksShift)
   std::atomic<const std::function<void(int64_t, int64_t)>*> body_{nullptr};  // the current region's
-  std::atomic<int64_t> n_{0}, chunk_{1}, chunks_{0};
+  std::atomic<int64_t> n_{0}, chunk_{1};
   std::atomic<int64_t> finished_{0};          // chunks of the current region that have run
   std::atomic<int> active_helpers_{0};
   std::atomic<int> sleepers_{0};
