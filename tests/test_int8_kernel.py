@@ -178,29 +178,36 @@ def test_the_cpp_layers_step_bit_for_bit_like_the_python_layers(mono_checkpoint,
     Python path's logits and caches exactly."""
     model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=kv_dtype)
     assert len(model.decoder.layer_steps) == model.config.decoder.num_hidden_layers
-    fused_steps = model.decoder.layer_steps
-    conditionings = model.encode_text(["warm lofi beat", "dark techno"])
-    params = [model.default_sampling(greedy=True), model.default_sampling(greedy=True, guidance_scale=1.0)]
-
-    def start():
-        return [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
-
-    fused, plain = start(), start()
-    with torch.inference_mode():
-        for _ in range(6):
-            model.decoder.layer_steps = fused_steps
-            got = model.decoder([s.pending_columns() for s in fused], [s.cache for s in fused],
-                                [s.cross for s in fused])
-            model.decoder.layer_steps = None
-            expected = model.decoder([s.pending_columns() for s in plain], [s.cache for s in plain],
-                                     [s.cross for s in plain])
-            assert all(torch.equal(a, b) for a, b in zip(got, expected))
-            for states, logits in ((fused, got), (plain, expected)):
-                for state, value in zip(states, logits):
-                    state.grid.place(value[0, :, -1].argmax(-1))
+    fused, plain = step_cpp_and_python_layers(model)
     for a, b in zip(fused, plain):
         assert a.cache.length == b.cache.length
         assert torch.equal(a.cache.keys[:, :, :, :a.cache.length], b.cache.keys[:, :, :, :b.cache.length])
+
+
+def step_cpp_and_python_layers(model, steps: int = 6):
+    """Two sequences batched (one with guidance, one without) stepped through the C++ layers and through the
+    Python layers side by side, asserting equal logits at every step; -> (fused states, plain states)."""
+    fused_steps = model.decoder.layer_steps
+    conditionings = model.encode_text(["warm lofi beat", "dark techno"])
+    params = [model.default_sampling(greedy=True), model.default_sampling(greedy=True, guidance_scale=1.0)]
+    fused, plain = ([model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
+                    for _ in range(2))
+    try:
+        with torch.inference_mode():
+            for _ in range(steps):
+                model.decoder.layer_steps = fused_steps
+                got = model.decoder([s.pending_columns() for s in fused], [s.cache for s in fused],
+                                    [s.cross for s in fused])
+                model.decoder.layer_steps = None
+                expected = model.decoder([s.pending_columns() for s in plain], [s.cache for s in plain],
+                                         [s.cross for s in plain])
+                assert all(torch.equal(a, b) for a, b in zip(got, expected))
+                for states, logits in ((fused, got), (plain, expected)):
+                    for state, value in zip(states, logits):
+                        state.grid.place(value[0, :, -1].argmax(-1))
+    finally:
+        model.decoder.layer_steps = fused_steps
+    return fused, plain
 
 
 def test_the_cpp_layers_refuse_a_full_cache(mono_checkpoint, kernel):
@@ -269,26 +276,10 @@ def test_the_cpp_layers_give_the_same_bits_however_the_work_is_shared(mono_check
     """The elastic pool (any thread count, attention cut by rows and heads) and OpenMP's fixed shares all give
     the logits of the Python layers bit for bit: each output is computed whole by one thread."""
     model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
-    fused_steps = model.decoder.layer_steps
-    conditionings = model.encode_text(["warm lofi beat", "dark techno"])
-    params = [model.default_sampling(greedy=True), model.default_sampling(greedy=True, guidance_scale=1.0)]
-    fused = [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
-    plain = [model.start_sequence(c, p, total_frames=10) for c, p in zip(conditionings, params)]
     saved = kernel.parallel()
     kernel.set_parallel(threads, 20, openmp, chunk_bytes)
     try:
-        with torch.inference_mode():
-            for _ in range(6):
-                model.decoder.layer_steps = fused_steps
-                got = model.decoder([s.pending_columns() for s in fused], [s.cache for s in fused],
-                                    [s.cross for s in fused])
-                model.decoder.layer_steps = None
-                expected = model.decoder([s.pending_columns() for s in plain], [s.cache for s in plain],
-                                         [s.cross for s in plain])
-                assert all(torch.equal(a, b) for a, b in zip(got, expected))
-                for states, logits in ((fused, got), (plain, expected)):
-                    for state, value in zip(states, logits):
-                        state.grid.place(value[0, :, -1].argmax(-1))
+        step_cpp_and_python_layers(model)
     finally:
         kernel.set_parallel(*saved[:3], saved[3])
 
