@@ -9,7 +9,6 @@ above 1 it keeps up, below 1 every paced client underruns sooner or later.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 
 log = logging.getLogger("musicgen.engine")
@@ -56,7 +55,6 @@ class EngineHeadroom:
         self.frame_seconds = frame_seconds
         self.rate = RunningRate()
         self.below = False
-        self.since = time.monotonic()
 
     def add_turn(self, busy_seconds: float, sessions: int) -> None:
         self.rate.add(self.frame_seconds, busy_seconds)

@@ -54,8 +54,6 @@ class DecoderLayerStep {
       return heads.to(x.scalar_type()).transpose(1, 2).reshape({rows, 1, width});
     };
 
-    c10::optional<TorchSingleThreaded> single;  // the pool runs it all: a team of torch's would contend with it
-    if (!g_use_openmp) single.emplace();
     auto h = at::layer_norm(x, {width}, norms_[0], norms_[1], eps_[0]);
     auto qkv = apply(0, h).chunk(3, -1);
     auto q = split_heads(qkv[0]), k = split_heads(qkv[1]), v = split_heads(qkv[2]);
@@ -89,8 +87,10 @@ class DecoderLayerStep {
     c10::optional<torch::Tensor> mask;
   };
 
-  // torch's threads at 1 on this thread for the layer, restored after (a per-thread OpenMP setting; torch's
-  // first parallel call on a thread sets it from the global count, so that call is made first).
+  // torch's threads at 1 on this thread for one chunk of attention, restored after (a per-thread OpenMP
+  // setting; torch's first parallel call on a thread sets it from the global count, so that call is made
+  // first). The stepping thread itself is already at 1: the decoder runs pooled steps under
+  // threads.torch_single_threaded.
   struct TorchSingleThreaded {
     int saved = (at::get_num_threads(), omp_get_max_threads());
     TorchSingleThreaded() { omp_set_num_threads(1); }

@@ -178,7 +178,7 @@ class ElasticPool {
   std::atomic<int> active_helpers_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
-  std::atomic<int> spin_us_{200};
+  std::atomic<int> spin_us_{20};  // threads.KERNEL_SPIN_US, set again at load
   std::atomic<bool> forked_{false};
   std::vector<std::thread> helpers_;
   std::mutex wake_mutex_, done_mutex_, error_mutex_;
