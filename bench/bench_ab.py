@@ -13,6 +13,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py prefill  --model /tmp/mg-small   # audio-prompt prefill per frame: ours vs fbgemm
     python bench/bench_ab.py zerofill --model /tmp/mg-small   # a 10 s session's KV cache: zeroed vs not
     python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes (Python layers)
+    python bench/bench_ab.py pool     --model /tmp/mg-small   # int8 on the elastic pool vs OpenMP's shares, idle
 """
 
 from __future__ import annotations
@@ -257,6 +258,36 @@ def prefill(args) -> None:
         del model
 
 
+def pool(args) -> None:
+    """The int8 kernel and C++ layers on the elastic pool vs OpenMP's fixed shares (kernel.set_parallel), on an
+    idle machine: a step at --context frames of KV cache, and a prefill of that many frames (a re-prime)."""
+    from musicgen_core import MusicGen
+    from musicgen_core.int8_kernel import loaded_int8_kernel
+    from musicgen_core.threads import KERNEL_SPIN_US
+    model = MusicGen.from_pretrained(args.model, quantize="int8")
+    kernel = loaded_int8_kernel()
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    params = model.default_sampling(greedy=True, guidance_scale=3.0)
+    context = torch.randint(0, model.config.decoder.vocab_size, (model.config.decoder.num_codebooks, args.context))
+    states = [model.start_sequence(conditioning, params, context, total_frames=args.context + 16 * args.blocks + 8)]
+    model.step(states)
+    sides = {"pool": False, "openmp": True}
+    steps, prefills = {name: [] for name in sides}, {name: [] for name in sides}
+    for _ in range(args.blocks):
+        for name, use_openmp in sides.items():
+            kernel.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, use_openmp)
+            model.step(states)
+            times = [_timed(lambda: model.step(states)) for _ in range(7)]
+            steps[name].append(1000 * statistics.median(times))
+            fresh_states = [model.start_sequence(conditioning, params, context, total_frames=args.context + 2)]
+            prefills[name].append(_timed(lambda: model.step(fresh_states)))
+    kernel.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, False)
+    for name in sides:
+        print(f"{name:8s} step at {args.context} frames: median {statistics.median(steps[name]):6.1f} ms  "
+              f"prefill of {args.context}: median {statistics.median(prefills[name]):5.2f} s  "
+              f"blocks {[round(v, 1) for v in steps[name]]}")
+
+
 def zerofill(args) -> None:
     from musicgen_core import MusicGen
     model = MusicGen.from_pretrained(args.model, quantize="int8")
@@ -308,10 +339,11 @@ def _timed(work) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
-                                         "cross", "stream", "prefill", "zerofill", "profile"])
+                                         "cross", "stream", "prefill", "zerofill", "profile", "pool"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=600, help="pool: frames of context")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "threads":
