@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="self-attention cache dtype (default: the weights' dtype;"
                              " bfloat16 with --quantize on a bf16 CPU)")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
-                        help="int8 decoder weights (CPU): ~4x less to read per step; int8 = our VNNI kernel where "
-                             "the CPU has it, else fbgemm")
+                        help="quantized decoder weights (CPU): int8 reads ~4x less per step (our kernel, AVX-512 "
+                             "VNNI or AVX2, else fbgemm); int4 (= int4-g64) / int4-g32 / int4-g128 ~7x less (our "
+                             "int4 kernel, AVX2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 

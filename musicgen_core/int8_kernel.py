@@ -32,6 +32,9 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
 # build uses the best one the machine has).
 KERNEL_ISAS = {"avx512-vnni": ("avx512f", "avx512bw", "avx512_vnni"), "avx2": ("avx2", "fma")}
 OUTPUT_BLOCK, INPUT_BLOCK = 16, 8  # the packed layout pads outputs and inputs to these
+# -ffp-contract=off: a multiply then an add stays two roundings (the int4 kernel's group sums are specified that
+# way, and reference_linear_int4 computes them so), never an FMA the compiler chose.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old was left by a process that died building
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def kernel_build_directory() -> Path:
         if source.suffix in (".cpp", ".h"):
             identity.update(source.name.encode() + source.read_bytes())
     identity.update(torch.__version__.encode())
+    identity.update(" ".join(CFLAGS).encode())
     identity.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("MUSICGEN_KERNEL_DIR", Path.home() / ".cache" / "musicgen-live" / "kernels"))
     return root / identity.hexdigest()[:16]
@@ -119,7 +123,7 @@ def _build(name: str, directory: Path):
         lock.unlink(missing_ok=True)
     log.warning("int8: compiling the kernel for this CPU, once (about 30 s), into %s", directory)
     return load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+                extra_cflags=list(CFLAGS), verbose=False)
 
 
 def int8_kernel_failure() -> str | None:
@@ -190,3 +194,105 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         gelu = ", then GELU" if self.applies_gelu else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{gelu}"
+
+
+# -- int4 weights ------------------------------------------------------------------------------------------
+
+INT4_GROUPS = (32, 64, 128)  # inputs per weight scale
+
+
+def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int4 values in [-8, 7] (int8 storage) and one float32 scale per `group` inputs of each
+    output row, (out, ceil(in / group)); the last group is zero-padded. Per group the value of largest
+    magnitude maps to -8 exactly (scale = that value / -8), so all 16 levels are used and the extreme is exact."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
+    weight = weight.detach().float()
+    out, width = weight.shape
+    groups = -(-width // group)
+    values = torch.empty(out, groups * group, dtype=torch.int8)
+    scales = torch.empty(out, groups, dtype=torch.float32)
+    for start in range(0, out, 256):  # in slices: no full-size float temporaries
+        rows = weight[start: start + 256]
+        padded = torch.zeros(rows.shape[0], groups * group)
+        padded[:, :width] = rows
+        grouped = padded.view(rows.shape[0], groups, group)
+        extreme = grouped.gather(2, grouped.abs().argmax(dim=2, keepdim=True)).squeeze(2)
+        scale = torch.where(extreme != 0, extreme / -8, torch.ones_like(extreme))
+        values[start: start + 256] = torch.round(grouped / scale[..., None]).clamp_(-8, 7).view(rows.shape[0], -1)
+        scales[start: start + 256] = scale
+    return values[:, :width].contiguous(), scales
+
+
+def pack_int4(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 values (out, in) in [-8, 7] and scales (out, groups) -> (packed uint8 [out/16, in/8, 16, 4], scales
+    [out/16, groups, 16]): per 16 outputs and 8 inputs, byte j of an output holds input j (low nibble) and
+    j + 4 (high) as value + 8. Outputs padded to 16 (scale 1), inputs to the group (value 0)."""
+    out, width = values.shape
+    groups = scales.shape[1]
+    out_padded, in_padded = -(-out // OUTPUT_BLOCK) * OUTPUT_BLOCK, groups * group
+    if in_padded < width or in_padded - width >= group:
+        raise ValueError(f"scales have {groups} groups of {group}, the values {width} inputs")
+    unsigned = torch.full((out_padded, in_padded), 8, dtype=torch.uint8)
+    unsigned[:out, :width] = (values + 8).to(torch.uint8)
+    halves = unsigned.view(out_padded // 16, 16, in_padded // 8, 2, 4)
+    packed = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+    padded_scales = torch.ones(out_padded, groups, dtype=torch.float32)
+    padded_scales[:out] = scales
+    return packed, padded_scales.view(out_padded // 16, 16, groups).permute(0, 2, 1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, out: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_int4: -> (values (out, in) int8 in [-8, 7], scales (out, groups))."""
+    blocks, eighths = packed.shape[:2]
+    halves = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [out/16, in/8, 16, 2, 4]
+    values = halves.permute(0, 2, 1, 3, 4).reshape(blocks * 16, eighths * 8).to(torch.int8) - 8
+    return values[:out, :width], scales.permute(0, 2, 1).reshape(blocks * 16, -1)[:out]
+
+
+def reference_linear_int4(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 kernel's arithmetic in PyTorch (kernels/int4_gemv.h): per-row int8 activations as for int8, an
+    exact integer dot product per group, then per group in order `acc = acc + float(dot) * scale`, then the
+    row scale."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    finite = torch.isfinite(flat).all(dim=1)
+    peak = flat.abs().amax(dim=1)
+    row_scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    row_scale = torch.where(finite, row_scale, torch.full_like(row_scale, float("nan")))
+    quantized = torch.round(flat * (1 / row_scale)[:, None])
+    quantized = torch.where(finite[:, None], quantized, torch.zeros_like(quantized)).to(torch.int64)
+    out, width = values.shape
+    groups = scales.shape[1]
+    padded_q = torch.zeros(flat.shape[0], groups * group, dtype=torch.int64)
+    padded_q[:, :width] = quantized
+    padded_w = torch.zeros(out, groups * group, dtype=torch.int64)
+    padded_w[:, :width] = values.to(torch.int64)
+    dots = torch.einsum("mgk,ogk->mog", padded_q.view(-1, groups, group), padded_w.view(out, groups, group))
+    acc = torch.zeros(flat.shape[0], out, dtype=torch.float32)
+    for g in range(groups):
+        acc = acc + dots[:, :, g].float() * scales[None, :, g]
+    y = acc * row_scale[:, None]
+    return y.reshape(*x.shape[:-1], out)
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with int4 weights (a float scale per `group` inputs of each output) run by our
+    kernel; activations per row in int8 as for Int8Linear. applies_gelu as there."""
+
+    def __init__(self, weight: torch.Tensor, kernel, group: int, applies_gelu: bool = False):
+        super().__init__()
+        self.applies_gelu, self.group = applies_gelu, group
+        self.out_features, self.in_features = weight.shape
+        packed, scales = pack_int4(*quantize_weight_int4(weight, group), group)
+        self.register_buffer("packed", packed)
+        self.register_buffer("rowsum", torch.zeros(0, dtype=torch.int32))  # the C++ layer's slot: unused by int4
+        self.register_buffer("scale", scales)
+        self._kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel.linear4(x, self.packed, self.scale, self.in_features, self.out_features, self.group,
+                                    self.applies_gelu)
+
+    def extra_repr(self) -> str:
+        gelu = ", then GELU" if self.applies_gelu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}{gelu}"

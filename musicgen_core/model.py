@@ -66,7 +66,8 @@ class MusicGen:
                         dtype: torch.dtype = torch.float32, quantize: str | None = None,
                         cuda_graphs: bool | None = None, kv_dtype: torch.dtype | None = None) -> "MusicGen":
         """Load a checkpoint directory, a hub id from the local cache, or 'demo' (a random-weight model).
-        quantize='int8' stores the decoder's linear weights as int8 (CPU). cuda_graphs (default: on for CUDA
+        quantize='int8' stores the decoder's linear weights as int8 (CPU), 'int4' (or int4-g32/g64/g128) as
+        group-wise int4 (quantize.QUANTIZATIONS). cuda_graphs (default: on for CUDA
         devices) replays captured decoder steps. kv_dtype is the self-attention cache's dtype (default: the
         weights' dtype, or bfloat16 with quantize on a CPU with bf16 instructions): past ~10 s of context,
         reading the fp32 cache costs a CPU step more than reading the int8 weights (550 MB vs 344 MB per

@@ -1,12 +1,16 @@
-"""Int8 weights for the decoder's linear layers, with dynamic int8 activations.
+"""Int8 or int4 weights for the decoder's linear layers, with dynamic int8 activations.
 
 The decoder step is bound by reading its weights (1.7 GB in fp32 for musicgen-small); int8 weights read a
-quarter of that. Only the decoder LM is quantized: the text encoder runs once per prompt and the codec is small.
+quarter of that, int4 an eighth (plus a scale per group). Only the decoder LM is quantized: the text encoder
+runs once per prompt and the codec is small.
 
 Schemes:
 - "int8": our kernel (int8_kernel.py: per-channel weights, per-row activations; AVX-512 VNNI or AVX2 + FMA)
   where this CPU and a compiler allow it, otherwise fbgemm (logged once).
 - "int8-fbgemm": torch.ao's dynamic quantized Linear (fbgemm on x86, qnnpack on Arm; per-tensor scales).
+- "int4-g32", "int4-g64", "int4-g128": our kernel's int4 weights with a float scale per 32/64/128 inputs of
+  each output (int8_kernel.Int4Linear; AVX2 + FMA). "int4" is int4-g64. No fallback: without the kernel,
+  loading fails and says why.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 from torch import nn
 
 from .decoder import FastLinear, MusicgenDecoder
-from .int8_kernel import Int8Linear, int8_kernel_failure, load_int8_kernel
+from .int8_kernel import Int4Linear, Int8Linear, int8_kernel_failure, load_int8_kernel
 
-QUANTIZATIONS = ("int8", "int8-fbgemm")
+INT4_SCHEMES = {"int4": 64, "int4-g32": 32, "int4-g64": 64, "int4-g128": 128}  # scheme -> inputs per scale
+QUANTIZATIONS = ("int8", "int8-fbgemm", *INT4_SCHEMES)
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +41,19 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
     # Names only, and each float layer dropped as soon as its int8 copy is in: holding every float weight
     # until the end would keep fp32 and int8 decoders in memory at once (+0.4 GB at musicgen-small's peak).
     targets = [name for name, module in decoder.named_modules() if isinstance(module, FastLinear)]
-    kernel = load_int8_kernel() if scheme == "int8" else None
+    kernel = load_int8_kernel() if scheme != "int8-fbgemm" else None
+    group = INT4_SCHEMES.get(scheme)
+    if group is not None and (kernel is None or kernel.int4_isa() == "none"):
+        raise ValueError(f"quantize={scheme} needs our int4 kernel, which is unavailable here: "
+                         f"{int8_kernel_failure() or 'the kernel was built without AVX2'}")
     if scheme == "int8" and kernel is None:
         log.warning("int8: our kernel is unavailable (%s); using fbgemm", int8_kernel_failure())
     if kernel is not None:
         for name in targets:  # each layer's fc1 is followed by GELU: the kernel applies it
             weight = decoder.get_submodule(name).weight
-            _replace(decoder, name, Int8Linear(weight, kernel, applies_gelu=name.endswith(".fc1")))
+            gelu = name.endswith(".fc1")
+            _replace(decoder, name, Int8Linear(weight, kernel, applies_gelu=gelu) if group is None
+                     else Int4Linear(weight, kernel, group, applies_gelu=gelu))
             del weight
         build_layer_steps(decoder, kernel)
         return
@@ -75,6 +86,7 @@ def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
             [t for linear in linears for t in (linear.packed, linear.rowsum, linear.scale)],
             [linear.in_features for linear in linears], [linear.out_features for linear in linears],
             [linear.applies_gelu for linear in linears],
+            [getattr(linear, "group", 0) for linear in linears],  # 0: int8 weights
             decoder.config.num_attention_heads))
     decoder.layer_steps = steps
 
@@ -85,8 +97,12 @@ def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:
 
 
 def quantization_backend(module: nn.Module) -> str | None:
-    """'int8-vnni' (our kernel), 'int8-fbgemm' (torch.ao; qnnpack on Arm) or None for float weights."""
+    """'int8-vnni' (our int8 kernel, either instruction set), 'int4-g<group>' (our int4 kernel), 'int8-fbgemm'
+    (torch.ao; qnnpack on Arm) or None for float weights."""
     kinds = {type(m) for m in module.modules()}
+    groups = {m.group for m in module.modules() if isinstance(m, Int4Linear)}
+    if groups:
+        return "int4-g" + "/".join(str(g) for g in sorted(groups))
     if Int8Linear in kinds:
         return "int8-vnni"
     if any(kind.__module__.startswith("torch.ao.nn.quantized") for kind in kinds):

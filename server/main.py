@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
-                        help="int8 decoder weights (CPU): int8 = our kernel (AVX-512 VNNI or AVX2), else fbgemm")
+                        help="quantized decoder weights (CPU): int8 = our kernel (AVX-512 VNNI or AVX2), else fbgemm;"
+                             " int4 (= int4-g64) / int4-g32 / int4-g128: our int4 kernel (AVX2), a scale per 32-128"
+                             " inputs")
     parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
                         help="self-attention cache dtype (default: the weights' dtype;"
                              " bfloat16 with --quantize on a bf16 CPU)")

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
-from musicgen_core.quantize import is_quantized
+from musicgen_core.quantize import quantization_backend
 
 from . import convert
 from .engine import Engine, SessionHandle
@@ -115,7 +115,10 @@ class MusicGenService:
     # -- plumbing -----------------------------------------------------------------------------------------
 
     def _dtype_name(self) -> str:
-        return "int8" if is_quantized(self.model.decoder) else str(self.model.dtype).removeprefix("torch.")
+        backend = quantization_backend(self.model.decoder)
+        if backend is not None:
+            return backend.partition("-")[0]  # "int8" or "int4"
+        return str(self.model.dtype).removeprefix("torch.")
 
     async def _reject(self, context, code: grpc.StatusCode, details: str, session_id: str = "-") -> None:
         """End the call with a status; one log line, no traceback."""

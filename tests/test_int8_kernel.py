@@ -149,7 +149,8 @@ def test_int8_fbgemm_can_be_chosen_explicitly(mono_checkpoint):
     assert model.generate("warm lofi beat", frames=6).codes.shape == (1, 4, 6)
 
 
-def test_an_int8_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_path, scheme):
     """Loaded tensors share the checkpoint's memory map; once the decoder is quantized nothing may point into
     it, so the map (and every page quantization read) is released."""
     import gc
@@ -166,7 +167,7 @@ def test_an_int8_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_path)
     assert mapped()  # float loads read the weights through the map
     del fp32
     gc.collect()
-    model = MusicGen.from_pretrained(private, quantize="int8")
+    model = MusicGen.from_pretrained(private, quantize=scheme)
     gc.collect()
     assert not mapped()
     assert model.generate("warm lofi beat", frames=4).codes.shape == (1, 4, 4)

@@ -23,20 +23,25 @@ constexpr int64_t kMaxAttentionChunks = 4;
 // Defined in int8_gemv.cpp: x (..., in_features) float32 @ the dequantized packed weight, then GELU if gelu.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
                      int64_t in_features, int64_t out, bool gelu);
+// Defined in int4_gemv.h: the same with group-wise int4 weights.
+torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t in_features, int64_t out,
+                      int64_t group, bool gelu);
 
-// One decoder layer for one new column per sequence (a decode step), int8 linears throughout: the same ATen
+// One decoder layer for one new column per sequence (a decode step), int8 or int4 linears: the same ATen
 // operations in the same order as MusicgenDecoder._layer in Python, so the result is bit-identical, without
 // ~40 trips through Python per layer (about 3 ms of a musicgen-small step).
 class DecoderLayerStep {
  public:
   // norms: (weight, bias) of the self-attention, cross-attention and final layer norms; linears: (packed,
-  // rowsum, scale) of qkv, out_proj, cross q_proj, cross out_proj, fc1, fc2, with ins[i], outs[i], gelus[i].
+  // rowsum, scale) of qkv, out_proj, cross q_proj, cross out_proj, fc1, fc2, with ins[i], outs[i], gelus[i];
+  // groups[i]: 0 for int8 weights, else the int4 group size (its rowsum is unused).
   DecoderLayerStep(std::vector<torch::Tensor> norms, std::vector<double> eps, std::vector<torch::Tensor> linears,
-                   std::vector<int64_t> ins, std::vector<int64_t> outs, std::vector<bool> gelus, int64_t heads)
+                   std::vector<int64_t> ins, std::vector<int64_t> outs, std::vector<bool> gelus,
+                   std::vector<int64_t> groups, int64_t heads)
       : norms_(std::move(norms)), eps_(std::move(eps)), linears_(std::move(linears)), ins_(std::move(ins)),
-        outs_(std::move(outs)), gelus_(std::move(gelus)), heads_(heads) {
+        outs_(std::move(outs)), gelus_(std::move(gelus)), groups_(std::move(groups)), heads_(heads) {
     TORCH_CHECK(norms_.size() == 6 && eps_.size() == 3 && linears_.size() == 18 && ins_.size() == 6 &&
-                outs_.size() == 6 && gelus_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
+                outs_.size() == 6 && gelus_.size() == 6 && groups_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
   }
 
   // x (rows, 1, width); bounds: row offsets of the sequences (size sequences + 1); per sequence: this layer's
@@ -155,6 +160,9 @@ class DecoderLayerStep {
   }
 
   torch::Tensor apply(size_t index, const torch::Tensor& input) const {
+    if (groups_[index])
+      return linear4(input, linears_[3 * index], linears_[3 * index + 2], ins_[index], outs_[index], groups_[index],
+                     gelus_[index]);
     return linear(input, linears_[3 * index], linears_[3 * index + 1], linears_[3 * index + 2], ins_[index],
                   outs_[index], gelus_[index]);
   }
@@ -165,6 +173,7 @@ class DecoderLayerStep {
   std::vector<int64_t> ins_;
   std::vector<int64_t> outs_;
   std::vector<bool> gelus_;
+  std::vector<int64_t> groups_;
   int64_t heads_;
 };
 

@@ -32,6 +32,10 @@
 #define MUSICGEN_HAVE_AVX2 1
 #define MUSICGEN_HAVE_KERNEL 1
 #endif
+#if defined(__AVX2__) && defined(__FMA__)  // 8-lane helpers and the int4 kernel, on AVX-512 machines too
+#include <immintrin.h>
+#define MUSICGEN_HAVE_AVX2_OPS 1
+#endif
 
 namespace {
 
@@ -155,7 +159,7 @@ void gemv_block(const uint8_t* xq, const float* sx, const int8_t* packed, const 
 }
 #endif
 
-#ifdef MUSICGEN_HAVE_AVX2
+#ifdef MUSICGEN_HAVE_AVX2_OPS
 // The AVX-512 functions above, op for op on 8 lanes: the same IEEE operations in the same order, so the same
 // results lane by lane.
 inline __m256 erf_ps(__m256 x) {
@@ -178,7 +182,9 @@ inline __m256 gelu_ps(__m256 x) {
   const __m256 e = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
   return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(e, _mm256_set1_ps(1.f)));
 }
+#endif
 
+#ifdef MUSICGEN_HAVE_AVX2
 // Output block b (16 outputs, two halves of 8) for M rows, from the same packed layout as the VNNI kernel.
 // AVX2 has no u8 x s8 dot product into int32 that cannot saturate, so each 4-byte group is done as
 // |w| (u8) x (x - 128 with w's sign) (s8) -> int16 pairs (|pair| <= 2 x 127 x 127: no saturation) -> int32.
@@ -299,6 +305,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 
 }  // namespace
 
+#include "int4_gemv.h"  // int4 weights: uses quantize_rows and the 8-lane GELU above
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this build has a kernel (AVX-512 VNNI or AVX2)");
   m.def("isa", &isa, "the instruction set of this build's kernel: avx512-vnni, avx2 or none");
@@ -307,10 +315,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "KV bytes per attention chunk", pybind11::arg("threads"), pybind11::arg("spin_us"), pybind11::arg("use_openmp"),
         pybind11::arg("attention_chunk_bytes") = 2 << 20);
   m.def("parallel", &parallel, "[threads, spin_us, uses OpenMP, attention_chunk_bytes]");
+  m.def("int4_isa", &int4_isa, "the instruction set of this build's int4 kernel: avx2 or none");
+  m.def("linear4", &linear4, "y = x @ dequantized(w4).T with per-row int8 activations, group-wise int4 weights "
+        "(then GELU if gelu)", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, std::vector<torch::Tensor>,
-                          std::vector<int64_t>, std::vector<int64_t>, std::vector<bool>, int64_t>())
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<bool>, std::vector<int64_t>,
+                          int64_t>())
       .def("step", &DecoderLayerStep::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
