@@ -3,7 +3,7 @@
     python bench/bench_fidelity.py --model /tmp/mg-small --frames 100
 
 1. fp32 generates `frames` greedy frames (guidance 3) for a few prompts.
-2. Each fast path (bfloat16 weights, int8 weights) is teacher-forced on exactly those codes; per decoder step and
+2. Each fast path (bfloat16 weights, int8 weights, int4 weights per group size) is teacher-forced on exactly those codes; per decoder step and
    codebook we compare its guided next-token distribution with fp32's: top-1 agreement and KL(fp32 || fast).
 3. Each fast path also generates greedily on its own; the SNR of its decoded audio against fp32's audio says
    how far free-running generation drifts (tokens diverge once one differs, so this is a pessimistic figure).
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", nargs="+", help="only these paths (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reference = MusicGen.from_pretrained(args.model)
@@ -64,7 +65,13 @@ def main() -> None:
     ref_logits = [teacher_forced_guided_logits(reference, t, generated.codes[i]) for i, t in enumerate(PROMPTS)]
     paths = {"bfloat16": dict(dtype=torch.bfloat16), "kv-bf16": dict(kv_dtype=torch.bfloat16),
              "int8": dict(quantize="int8", kv_dtype=torch.float32), "int8+kv-bf16": dict(quantize="int8"),
-             "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32)}
+             "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32),
+             **{f"int4-g{g}": dict(quantize=f"int4-g{g}", kv_dtype=torch.float32) for g in (32, 64, 128)}}
+    if args.paths:
+        unknown = set(args.paths) - set(paths)
+        if unknown:
+            parser.error(f"unknown paths {sorted(unknown)}; known: {sorted(paths)}")
+        paths = {name: paths[name] for name in args.paths}
     print(f"{'path':13s} {'top-1 agreement':>16s} {'KL (nats)':>10s} {'free-running SNR (dB)':>22s}")
     for name, options in paths.items():
         fast = MusicGen.from_pretrained(args.model, **options)

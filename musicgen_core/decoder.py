@@ -149,6 +149,9 @@ class MusicgenDecoder(nn.Module):
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
         self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
         self.layer_steps: list | None = None  # C++ one-column layers when every linear is int8 (quantize.py)
+        # With our kernel's layers, a one-column step's attention (the Python layers' too, so both give the same
+        # bits) is the kernel's attend_one instead of scaled_dot_product_attention (quantize.build_layer_steps).
+        self.one_query_attention = None
 
     def use_transposed_rows(self, rows: frozenset[int]) -> None:
         """Every linear layer of this decoder takes `weight @ x.T` for these row counts (calibrate_linear)."""
@@ -320,17 +323,17 @@ class MusicgenDecoder(nn.Module):
             if time > 1:  # prefill: causal within the new columns, everything before them visible
                 visible = torch.ones(time, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 mask = visible
-            outputs.append(F.scaled_dot_product_attention(
-                q[rows].to(cache.keys.dtype), cache.keys[index, :, :, :end], cache.values[index, :, :, :end],
-                attn_mask=mask))
+            attend = self.one_query_attention if time == 1 and self.one_query_attention else _sdpa
+            outputs.append(attend(q[rows].to(cache.keys.dtype), cache.keys[index, :, :, :end],
+                                  cache.values[index, :, :, :end], mask))
         x = x + self._merge(attn, _join(outputs).to(x.dtype))
 
         cross = layer.encoder_attn
         h = layer.encoder_attn_layer_norm(x)
         q = cross.split_heads(cross.q_proj(h))
-        outputs = [F.scaled_dot_product_attention(
-            q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], attn_mask=kv.mask)
-            for i, kv in enumerate(crosses)]
+        attend = self.one_query_attention if time == 1 and self.one_query_attention else _sdpa
+        outputs = [attend(q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], kv.mask)
+                   for i, kv in enumerate(crosses)]
         x = x + self._merge(cross, _join(outputs))
 
         h = layer.final_layer_norm(x)
@@ -356,3 +359,7 @@ class MusicgenDecoder(nn.Module):
         """(rows, heads, time, head_dim) -> out_proj of (rows, time, width)"""
         rows, _, time, _ = heads.shape
         return attn.out_proj(heads.transpose(1, 2).reshape(rows, time, -1))
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

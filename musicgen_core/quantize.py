@@ -75,7 +75,8 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
 def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
     """Give the decoder one C++ `DecoderLayerStep` per layer for one-column steps (decoder._fused_layers). They
     hold the layers' current tensors and flags: call again after changing a layer (or set
-    `decoder.layer_steps = None` to step through Python)."""
+    `decoder.layer_steps = None` to step through Python). A one-column step's attention, in both, is the
+    kernel's attend_one (`decoder.one_query_attention`)."""
     steps = []
     for layer in decoder.layers:
         norms = [layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm]
@@ -89,6 +90,7 @@ def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
             [getattr(linear, "group", 0) for linear in linears],  # 0: int8 weights
             decoder.config.num_attention_heads))
     decoder.layer_steps = steps
+    decoder.one_query_attention = kernel.attend_one
 
 
 def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "attention_one.h"  // the step's attention: one query per (row, head)
 #include "elastic_pool.h"
 
 namespace {
@@ -103,9 +104,9 @@ class DecoderLayerStep {
   };
 
   // Each sequence's attention, cut into chunks the pool's threads share where it reads enough of the KV cache
-  // to be worth it (~40% of a step at 600 frames of context; a call costs ~20 us, more than a short attention):
-  // by rows (guidance gives two), else by heads. Every (row, head) is computed on its own by
-  // scaled_dot_product_attention, so a slice gives the same values as the whole call.
+  // to be worth it (a region costs a few us, more than a short attention): by rows (guidance gives two), else
+  // by heads. Every (row, head) is computed on its own by attend_one, so a slice gives the same values as the
+  // whole call.
   std::vector<torch::Tensor> attend(const std::vector<Attention>& parts) const {
     struct Unit {
       size_t part;
@@ -129,7 +130,7 @@ class DecoderLayerStep {
         const int64_t per_chunk = (heads_ + chunks - 1) / chunks;
         for (int64_t h0 = 0; h0 < heads_; h0 += per_chunk) units.push_back({i, 0, 1, h0, std::min(heads_, h0 + per_chunk)});
       }
-      outputs.push_back(at::empty({rows, heads_, 1, parts[i].values.size(3)}, parts[i].query.options()));
+      outputs.push_back(at::empty({rows, heads_, 1, parts[i].values.size(3)}, parts[i].query.options().dtype(torch::kFloat32)));
     }
     auto run_unit = [&](const Unit& unit) {
       const auto& part = parts[unit.part];
@@ -139,8 +140,7 @@ class DecoderLayerStep {
         mask = part.mask->slice(0, unit.r0, unit.r1);
         if (mask->size(1) != 1) mask = mask->slice(1, unit.h0, unit.h1);
       }
-      auto result = at::scaled_dot_product_attention(cut(part.query), cut(part.keys), cut(part.values), mask, 0.0,
-                                                     false, c10::nullopt, false);
+      auto result = attend_one(cut(part.query), cut(part.keys), cut(part.values), mask);
       if (outputs[unit.part].defined())  // made beforehand only for a part that was cut
         cut(outputs[unit.part]).copy_(result);
       else

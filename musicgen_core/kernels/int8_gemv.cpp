@@ -13,16 +13,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "elastic_pool.h"  // the threads that run `linear`
-#include "decoder_layer.h"  // the one-column decoder layer built on `linear` below
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <string>
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define MUSICGEN_HAVE_VNNI 1
@@ -36,6 +26,18 @@
 #include <immintrin.h>
 #define MUSICGEN_HAVE_AVX2_OPS 1
 #endif
+
+
+#include "elastic_pool.h"  // the threads that run `linear`
+#include "decoder_layer.h"  // the one-column decoder layer built on `linear` below
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+
 
 namespace {
 
@@ -318,6 +320,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_isa", &int4_isa, "the instruction set of this build's int4 kernel: avx2 or none");
   m.def("linear4", &linear4, "y = x @ dequantized(w4).T with per-row int8 activations, group-wise int4 weights "
         "(then GELU if gelu)", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attend_one", &attend_one, "attention of one query per (row, head): (rows, heads, 1, d) over keys and values "
+        "(rows, heads, length, d), additive float mask or None -> float32", pybind11::arg("query"), pybind11::arg("keys"),
+        pybind11::arg("values"), pybind11::arg("mask") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
