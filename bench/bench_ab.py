@@ -14,6 +14,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py zerofill --model /tmp/mg-small   # a 10 s session's KV cache: zeroed vs not
     python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes (Python layers)
     python bench/bench_ab.py pool     --model /tmp/mg-small   # int8 on the elastic pool vs OpenMP's shares, idle
+    python bench/bench_ab.py int4     --model /tmp/mg-small   # int8 vs int4 (each group size) steps, by context
 """
 
 from __future__ import annotations
@@ -336,10 +337,39 @@ def _timed(work) -> float:
     return time.perf_counter() - started
 
 
+def int4(args) -> None:
+    """One step of each scheme in turn (one model each, fp32 cache as this CPU's default without bf16), at 0,
+    300 and 600 frames of context; medians over the blocks."""
+    from musicgen_core import MusicGen
+
+    schemes = ["int8", "int4-g32", "int4-g64", "int4-g128"]
+    models = {s: MusicGen.from_pretrained(args.model, quantize=s, kv_dtype=torch.float32) for s in schemes}
+    vocab, books = models["int8"].config.decoder.vocab_size, models["int8"].config.decoder.num_codebooks
+    for context in (0, 300, 600):
+        prompt = torch.randint(0, vocab, (books, context), generator=torch.Generator().manual_seed(0))
+        states = {}
+        for scheme, model in models.items():
+            conditioning = model.encode_text(["warm lofi beat"])[0]
+            states[scheme] = [model.start_sequence(conditioning, model.default_sampling(), prompt if context else None,
+                                                   total_frames=context + 40 * args.blocks + 10)]
+            model.step(states[scheme])  # the prefill
+        times = {scheme: [] for scheme in schemes}
+        for _ in range(args.blocks):
+            for scheme, model in models.items():
+                block = []
+                for _ in range(8):
+                    started = time.perf_counter()
+                    model.step(states[scheme])
+                    block.append(time.perf_counter() - started)
+                times[scheme].append(statistics.median(block))
+        print(f"context {context:4d}: " + "  ".join(
+            f"{scheme} {1000 * statistics.median(values):5.1f} ms" for scheme, values in times.items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
-                                         "cross", "stream", "prefill", "zerofill", "profile", "pool"])
+                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)

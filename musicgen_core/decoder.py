@@ -149,8 +149,9 @@ class MusicgenDecoder(nn.Module):
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
         self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
         self.layer_steps: list | None = None  # C++ one-column layers when every linear is int8 (quantize.py)
-        # With our kernel's layers, a one-column step's attention (the Python layers' too, so both give the same
-        # bits) is the kernel's attend_one instead of scaled_dot_product_attention (quantize.build_layer_steps).
+        # With our kernel's layers, attention (a step's in C++ and in Python, and a prefill's) is the kernel's
+        # attend_one instead of scaled_dot_product_attention: query by query, so a prefill in chunks, in one go
+        # or column by column gives the same bits (quantize.build_layer_steps).
         self.one_query_attention = None
 
     def use_transposed_rows(self, rows: frozenset[int]) -> None:
@@ -236,7 +237,9 @@ class MusicgenDecoder(nn.Module):
         """Advance a batch of sequences. tokens[i]: (codebooks, time) new input columns of sequence i, all
         sequences with the same `time`; caches[i] is extended in place. Returns logits[i]:
         (rows_i, codebooks, time or 1, vocab) in float32."""
-        pooled = self.layer_steps is not None and all(t.shape[1] == 1 for t in tokens)  # the kernel's pool steps
+        # A step, or a short prefill chunk, runs on the kernel's pool with torch single-threaded: torch's team
+        # woke for every small op (100-200 us each for a layer norm or a mask of a 4-column chunk here).
+        pooled = self.layer_steps is not None and all(t.shape[1] <= POOLED_COLUMNS for t in tokens)
         with _attention_backends(self.layer_norm.weight.device), \
                 torch_single_threaded() if pooled else contextlib.nullcontext():
             return self._forward(tokens, caches, crosses, last_only)
@@ -319,19 +322,20 @@ class MusicgenDecoder(nn.Module):
                 raise ValueError(f"KV cache full: {end} positions > capacity {cache.capacity}")
             cache.keys[index, :, :, start:end] = k[rows]
             cache.values[index, :, :, start:end] = v[rows]
+            keys, values = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
+            if self.one_query_attention is not None:  # causal: query t sees the cache up to start + t
+                outputs.append(self.one_query_attention(q[rows], keys, values, None, start))
+                continue
             mask = None
             if time > 1:  # prefill: causal within the new columns, everything before them visible
-                visible = torch.ones(time, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                mask = visible
-            attend = self.one_query_attention if time == 1 and self.one_query_attention else _sdpa
-            outputs.append(attend(q[rows].to(cache.keys.dtype), cache.keys[index, :, :, :end],
-                                  cache.values[index, :, :, :end], mask))
+                mask = torch.ones(time, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            outputs.append(F.scaled_dot_product_attention(q[rows].to(cache.keys.dtype), keys, values, attn_mask=mask))
         x = x + self._merge(attn, _join(outputs).to(x.dtype))
 
         cross = layer.encoder_attn
         h = layer.encoder_attn_layer_norm(x)
         q = cross.split_heads(cross.q_proj(h))
-        attend = self.one_query_attention if time == 1 and self.one_query_attention else _sdpa
+        attend = self.one_query_attention or _sdpa
         outputs = [attend(q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], kv.mask)
                    for i, kv in enumerate(crosses)]
         x = x + self._merge(cross, _join(outputs))
@@ -359,6 +363,9 @@ class MusicgenDecoder(nn.Module):
         """(rows, heads, time, head_dim) -> out_proj of (rows, time, width)"""
         rows, _, time, _ = heads.shape
         return attn.out_proj(heads.transpose(1, 2).reshape(rows, time, -1))
+
+
+POOLED_COLUMNS = 16  # new columns per sequence up to which a quantized forward runs on the kernel's pool
 
 
 def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

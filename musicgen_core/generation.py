@@ -45,30 +45,45 @@ class StepResult:
     completed_codes: torch.Tensor | None  # (codebooks,) that frame's codes, aligned; None with no frame
 
 
-def step_sequences(decoder: MusicgenDecoder, states: list[SequenceState], graphs=None) -> list[StepResult]:
+def step_sequences(decoder: MusicgenDecoder, states: list[SequenceState], graphs=None,
+                   max_prefill_columns: int | None = None,
+                   prefills: list[tuple[SequenceState, torch.Tensor]] = ()) -> list[StepResult | None]:
     """Advance every state by one column. States reading the same number of columns share one forward
     (the usual case: one column each); a state still to prefill its prompt runs in its own group.
-    `graphs` (a cuda_graphs.GraphCache) replays a captured step when the same set of states repeats."""
-    if not states:
+    `graphs` (a cuda_graphs.GraphCache) replays a captured step when the same set of states repeats.
+
+    max_prefill_columns: a state with more pending columns reads only that many this call and samples nothing
+    (its result is None): a long prompt is prefilled over several calls, so the others' steps are not held
+    behind it. prefills: (state, columns) pairs whose caches take those columns in the same forwards, nothing
+    sampled (a sequence prepared in the background). With our kernel's attention every query is computed on
+    its own, so how a prompt is cut does not change a bit of the result."""
+    if not states and not prefills:
         return []
     for state in states:
         if state.finished:
             raise ValueError("step_sequences on a finished sequence")
-    graphed = graphs.logits(decoder, states) if graphs is not None else None
+    graphed = graphs.logits(decoder, states) if graphs is not None and not prefills and states else None
     if graphed is not None:
         return _sample(states, [value[:, :, -1] for value in graphed])
-    groups: dict[int, list[int]] = {}
     pending = [state.pending_columns() for state in states]
-    for index, columns in enumerate(pending):
+    capped = [max_prefill_columns is not None and columns.shape[1] > max_prefill_columns for columns in pending]
+    pending = [columns[:, :max_prefill_columns] if cut else columns for columns, cut in zip(pending, capped)]
+    members = [*zip(states, pending), *prefills]
+    groups: dict[int, list[int]] = {}
+    for index, (_, columns) in enumerate(members):
         groups.setdefault(columns.shape[1], []).append(index)
-    logits: list[torch.Tensor | None] = [None] * len(states)
+    logits: list[torch.Tensor | None] = [None] * len(members)
     device = decoder.layer_norm.weight.device
-    for members in groups.values():
-        out = decoder([pending[i].to(device) for i in members], [states[i].cache for i in members],
-                      [states[i].cross for i in members])
-        for i, value in zip(members, out):
+    for group in groups.values():
+        out = decoder([members[i][1].to(device) for i in group], [members[i][0].cache for i in group],
+                      [members[i][0].cross for i in group])
+        for i, value in zip(group, out):
             logits[i] = value[:, :, -1]
-    return _sample(states, logits)
+    sampled = [i for i, cut in enumerate(capped) if not cut]
+    results: list[StepResult | None] = [None] * len(states)
+    for i, result in zip(sampled, _sample([states[i] for i in sampled], [logits[i] for i in sampled])):
+        results[i] = result
+    return results
 
 
 def _sample(states: list[SequenceState], logits: list[torch.Tensor]) -> list[StepResult]:

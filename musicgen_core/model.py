@@ -213,8 +213,11 @@ class MusicGen:
                              generator=make_generator(params.seed, self.device))
 
     @torch.inference_mode()
-    def step(self, states: list[SequenceState]):
-        return step_sequences(self.decoder, states, self.graphs)
+    def step(self, states: list[SequenceState], max_prefill_columns: int | None = None,
+             prefills: list[tuple[SequenceState, torch.Tensor]] = ()):
+        """One column for each state (generation.step_sequences: a long prompt may be cut into chunks; other
+        states' caches may take columns in the same forwards)."""
+        return step_sequences(self.decoder, states, self.graphs, max_prefill_columns, prefills)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str | None] | str | None = None, *, frames: int | None = None,

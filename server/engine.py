@@ -64,6 +64,9 @@ class EngineConfig:
     # A session waiting at its lead this long with no ack (paced) or no delivery (unpaced) ends with ERROR: a
     # client that vanished without a cancel reaching us (or never acks) must not hold a slot for ever.
     stall_timeout_seconds: float = 10.0
+    # Prompt columns a sequence reads per turn while other sessions are live (an audio prompt, an append, a
+    # re-prime whose prepared cache was dropped): each turn the others wait for at most this much prefill.
+    prefill_chunk_columns: int = 2
 
 
 # -- commands: what the transport asks of a session, applied in order on the engine thread -------------------
@@ -204,6 +207,8 @@ class Engine:
         window = min(most, 30 * model.config.frame_rate) if config.context_frames is None else config.context_frames
         if not 2 <= window <= most:
             raise ValueError(f"context_frames must be in [2, {most}] for this model, got {window}")
+        if config.prefill_chunk_columns < 1:
+            raise ValueError(f"prefill_chunk_columns must be >= 1, got {config.prefill_chunk_columns}")
         reprime = int(0.4 * window) if config.reprime_keep_frames is None else config.reprime_keep_frames
         if not 0 <= reprime < window:
             raise ValueError(f"reprime_keep_frames must be in [0, {window}), got {reprime}")
@@ -358,8 +363,11 @@ class Engine:
 
     def _step(self, ready: list[Session]) -> None:
         started = time.perf_counter()
+        chunk = self.config.prefill_chunk_columns
+        prefills = [p for p in (s.source.next_columns(chunk) for s in ready) if p is not None]
         try:
-            results = self.model.step([s.state for s in ready])
+            results = self.model.step([s.state for s in ready], prefills=prefills,
+                                      max_prefill_columns=chunk if len(self.sessions) > 1 else None)
         except Exception:  # one bad state must not take the others down: retry them one by one
             log.exception("batched step failed; stepping sessions alone")
             for session in ready:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from musicgen_core import MusicGen, SamplingParams, SequenceState, StepResult, TextConditioning
-from musicgen_core.delay import columns_for
+from musicgen_core.delay import build_delayed, columns_for, max_frames
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,15 @@ class TextEncodings:
 class FrameSource:
     """The sequence a session generates from. `frames_done` counts the generated frames that have completed
     (session numbering: the audio prompt is not counted); the codes of the most recent window are kept in
-    `history` for re-priming."""
+    `history` for re-priming.
+
+    The re-prime's next sequence is prepared while the current one plays (`next_columns`): its prompt is the
+    last `reprime_keep_frames` frames before the window fills, and the frame at which it fills is known, so
+    from that prompt's first frame on, each step feeds the next sequence's cache the column its newest frame
+    completes, in the same forward as the session's own step (one pass over the weights for both). At the
+    re-prime only the last column or two are left to read: no prefill stall, for this session or the others.
+    A text change drops the prepared cache (it was computed under the old text); it is rebuilt from the
+    frames known, a chunk per step."""
 
     def __init__(self, model: MusicGen, limits: Limits, text: str, params: SamplingParams,
                  total_frames: int | None, encode_text: Callable[[str], TextConditioning]):
@@ -57,6 +65,7 @@ class FrameSource:
         self.frame_offset = 0  # session frame index of the current grid's frame 0
         self.frames_done = 0
         self.history = torch.zeros(model.config.decoder.num_codebooks, 0, dtype=torch.long)
+        self.next: SequenceState | None = None  # the re-prime's next sequence, its cache being filled
 
     @property
     def finished(self) -> bool:
@@ -79,9 +88,10 @@ class FrameSource:
             prompt_codes = prompt_codes[:, -(self.limits.context_frames - 1):]
         self._start_sequence(prompt_codes)
 
-    def take(self, result: StepResult) -> torch.Tensor | None:
-        """The generated frame this step completed, (codebooks,) codes, if any (prompt frames are not output)."""
-        if result.completed_frame is None or result.completed_frame < self.state.grid.prompt_frames:
+    def take(self, result: StepResult | None) -> torch.Tensor | None:
+        """The generated frame this step completed, (codebooks,) codes, if any (prompt frames are not output;
+        None: the step read a chunk of a long prompt and sampled nothing)."""
+        if result is None or result.completed_frame is None or result.completed_frame < self.state.grid.prompt_frames:
             return None
         self.frames_done += 1
         recent = torch.cat([self.history, result.completed_codes[:, None]], dim=1)
@@ -89,11 +99,38 @@ class FrameSource:
         return result.completed_codes
 
     def reprime(self) -> int:
-        """The context window is full: a new sequence from the most recent frames, same conditioning. -> the
-        frames kept."""
+        """The context window is full: a new sequence from the most recent frames, same conditioning (its cache
+        as far as `next_columns` filled it). -> the frames kept."""
         keep = self.history[:, -self.limits.reprime_keep_frames:] if self.limits.reprime_keep_frames else None
+        prepared, self.next = self.next, None
         self._start_sequence(keep)
+        if prepared is not None and keep is not None and prepared.cache.length <= keep.shape[1]:
+            self.state.cache = prepared.cache  # holds columns 0 .. length-1 of this very prompt
         return 0 if keep is None else keep.shape[1]
+
+    def next_columns(self, most: int) -> tuple[SequenceState, torch.Tensor] | None:
+        """The re-prime's next sequence and the columns of its prompt it can read now (at most `most`; one
+        in the steady state), or None. Its prompt is session frames [switch - keep, switch), switch being the
+        frame at which the current sequence fills; column c of it needs that prompt's first c frames."""
+        keep = self.limits.reprime_keep_frames
+        if self.state is None or self.state.grid.total_frames is not None or not keep:
+            return None  # this sequence ends the session, or a re-prime keeps nothing
+        first = self.frame_offset + max_frames(self.state.grid.capacity, self.model.config.decoder.delays) - keep
+        known = min(keep, self.frames_done - first)
+        if known < 1:
+            return None
+        if self.next is None:
+            total, capacity = self._shape(keep, first + keep)
+            self.next = self.model.start_sequence(self.encode_text(self.text), self.params, None,
+                                                  total_frames=total, capacity=capacity)
+        done = self.next.cache.length
+        stop = min(known, done + most)  # column `keep` is left to the new sequence's first step, which samples
+        if stop <= done:
+            return None
+        decoder = self.model.config.decoder
+        prompt = self.history[:, self.history.shape[1] - (self.frames_done - first):][:, :known]
+        columns = build_delayed(prompt, decoder.delays, decoder.pad_token_id, stop)[:, done:stop]
+        return self.next, columns
 
     def set_prompt(self, text: str | None, params: SamplingParams | None) -> int:
         """New text and/or sampling from the next column; the self-attention cache is kept. -> the first frame
@@ -108,6 +145,7 @@ class FrameSource:
         if text is not None:
             self.text = text
             self.state.cross = self.model.cross_attention(self.encode_text(text), self.params.uses_guidance)
+            self.next = None  # its cache was computed under the old text
         return self.frame_offset + self.state.grid.first_frame_of_next_column()
 
     def append(self, codes: torch.Tensor, replace_context: bool) -> None:
@@ -116,21 +154,26 @@ class FrameSource:
         context = codes if replace_context else torch.cat([self.history, codes], dim=1)
         keep = min(max(self.limits.reprime_keep_frames, codes.shape[1]), self.limits.context_frames - 1)
         self.history = context[:, -self.limits.context_frames:]
+        self.next = None
         self._start_sequence(context[:, -keep:])
 
     def release(self) -> None:
-        self.state = None
+        self.state = self.next = None
         self.history = self.history[:, :0]
 
-    def _start_sequence(self, prompt_codes: torch.Tensor | None) -> None:
-        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
+    def _shape(self, prompt_frames: int, frames_done: int) -> tuple[int | None, int]:
+        """(total_frames, capacity) of a sequence started at `frames_done` from `prompt_frames` frames."""
         total = None  # a bounded session whose rest fits in this window ends with this sequence
         if self.total_frames is not None:
-            remaining = self.total_frames - self.frames_done
+            remaining = self.total_frames - frames_done
             if prompt_frames + remaining <= self.limits.context_frames:
                 total = prompt_frames + remaining
         frames = total if total is not None else self.limits.context_frames
-        capacity = columns_for(frames, self.model.config.decoder.delays)
+        return total, columns_for(frames, self.model.config.decoder.delays)
+
+    def _start_sequence(self, prompt_codes: torch.Tensor | None) -> None:
+        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
+        total, capacity = self._shape(prompt_frames, self.frames_done)
         self.state = self.model.start_sequence(self.encode_text(self.text), self.params, prompt_codes,
                                                total_frames=total, capacity=capacity)
         if self.generator is None:

@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 
+#include "elastic_pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -121,50 +123,71 @@ void attend_one_head(const T* q, const T* keys, const T* values, int64_t stride,
 }
 #endif
 
-// query (rows, heads, 1, d); keys, values (rows, heads, length, d) with unit stride in d (a cache's slice);
-// mask: additive float32 (rows, 1 or heads, 1, length) or none. -> (rows, heads, 1, d) float32.
+// query (rows, heads, T, d); keys, values (rows, heads, length, d) with unit stride in d (a cache's slice);
+// mask: additive float32 (rows, 1 or heads, 1, length) or none; causal_start >= 0: query t sees keys
+// [0, causal_start + t] only (length == causal_start + T: a prefill chunk after causal_start cached
+// positions), else every key. -> (rows, heads, T, d) float32. Each (row, head, query) is computed as the one
+// query of a step would be, so a chunked prefill gives the bits of a one-shot prefill and of column-by-column
+// steps alike.
 torch::Tensor attend_one(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
-                         const c10::optional<torch::Tensor>& mask) {
-  const int64_t rows = query.size(0), heads = query.size(1), d = query.size(3), length = keys.size(2);
-  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && keys.dim() == 4 && values.sizes() == keys.sizes() &&
-              keys.size(0) == rows && keys.size(1) == heads && keys.size(3) == d,
-              "attend_one: query (rows, heads, 1, d), keys and values (rows, heads, length, d)");
+                         const c10::optional<torch::Tensor>& mask, int64_t causal_start) {
+  TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && keys.size(0) == query.size(0) &&
+              keys.size(1) == query.size(1) && keys.size(3) == query.size(3),
+              "attend_one: query (rows, heads, T, d), keys and values (rows, heads, length, d)");
+  const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), d = query.size(3);
+  const int64_t length = keys.size(2);
+  TORCH_CHECK(causal_start < 0 ? !mask || (mask->dim() == 4 && mask->size(2) == 1) : causal_start + queries == length && !mask,
+              "attend_one: causal_start + queries must equal the keys' length (and take no mask); a mask is "
+              "(rows, 1 or heads, 1, length)");
   bool fast = false;
 #ifdef MUSICGEN_HAVE_AVX2_OPS
   fast = d % 8 == 0 && d <= 128 && length > 0 && keys.stride(3) == 1 && values.stride(3) == 1 &&
          keys.strides() == values.strides() && keys.scalar_type() == values.scalar_type() &&
          (keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16) &&
-         (!mask || (mask->scalar_type() == torch::kFloat32 && mask->dim() == 4 && mask->size(0) == rows &&
-                    (mask->size(1) == 1 || mask->size(1) == heads) && mask->size(2) == 1 && mask->size(3) == length));
+         (!mask || (mask->scalar_type() == torch::kFloat32 && mask->size(0) == rows &&
+                    (mask->size(1) == 1 || mask->size(1) == heads) && mask->size(3) == length));
 #endif
   if (!fast) {
-    auto out = at::scaled_dot_product_attention(query.to(keys.scalar_type()), keys, values, mask, 0.0, false,
+    c10::optional<torch::Tensor> full_mask = mask;
+    if (causal_start >= 0 && queries > 1)
+      full_mask = at::ones({queries, length}, keys.options().dtype(torch::kBool)).tril(causal_start);
+    auto out = at::scaled_dot_product_attention(query.to(keys.scalar_type()), keys, values, full_mask, 0.0, false,
                                                 c10::nullopt, false);
     return out.to(torch::kFloat32);
   }
-  auto out = at::empty({rows, heads, 1, d}, query.options().dtype(torch::kFloat32));
+  auto out = at::empty({rows, heads, queries, d}, query.options().dtype(torch::kFloat32));
 #ifdef MUSICGEN_HAVE_AVX2_OPS
   const auto q = query.to(keys.scalar_type()).contiguous();  // as the Python path rounds q to the cache's dtype
   const auto m = mask ? mask->contiguous() : torch::Tensor();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  thread_local std::vector<float> scores;
-  auto run = [&](auto tag) {
+  auto run = [&](auto tag, int64_t u0, int64_t u1) {
     using T = decltype(tag);
+    thread_local std::vector<float> scores;
     const T* qp = reinterpret_cast<const T*>(q.data_ptr());
     const T* kp = reinterpret_cast<const T*>(keys.data_ptr());
     const T* vp = reinterpret_cast<const T*>(values.data_ptr());
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t offset = r * keys.stride(0) + h * keys.stride(1);
-        const float* mp = mask ? m.data_ptr<float>() + r * m.stride(0) + (m.size(1) == 1 ? 0 : h * m.stride(1)) : nullptr;
-        attend_one_head<T>(qp + (r * heads + h) * d, kp + offset, vp + offset, keys.stride(2), mp, length, d, scale,
-                           out.data_ptr<float>() + (r * heads + h) * d, scores);
-      }
+    for (int64_t u = u0; u < u1; ++u) {  // unit u: (row, head)
+      const int64_t r = u / heads, h = u % heads;
+      const int64_t offset = r * keys.stride(0) + h * keys.stride(1);
+      const float* mp = mask ? m.data_ptr<float>() + r * m.stride(0) + (m.size(1) == 1 ? 0 : h * m.stride(1)) : nullptr;
+      for (int64_t t = 0; t < queries; ++t)
+        attend_one_head<T>(qp + (u * queries + t) * d, kp + offset, vp + offset, keys.stride(2), mp,
+                           causal_start < 0 ? length : causal_start + t + 1, d, scale,
+                           out.data_ptr<float>() + (u * queries + t) * d, scores);
+    }
   };
-  if (keys.scalar_type() == torch::kFloat32)
-    run(float{});
+  auto body = [&](int64_t u0, int64_t u1) {
+    if (keys.scalar_type() == torch::kFloat32)
+      run(float{}, u0, u1);
+    else
+      run(at::BFloat16{}, u0, u1);
+  };
+  // A prefill's many queries are shared out by (row, head); a step's one query is cut by the decoder layer
+  // (a nested region here runs inline).
+  if (queries > 1)
+    musicgen::ElasticPool::instance().run(rows * heads, 1, body);
   else
-    run(at::BFloat16{});
+    body(0, rows * heads);
 #endif
   return out;
 }

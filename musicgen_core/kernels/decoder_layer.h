@@ -140,7 +140,7 @@ class DecoderLayerStep {
         mask = part.mask->slice(0, unit.r0, unit.r1);
         if (mask->size(1) != 1) mask = mask->slice(1, unit.h0, unit.h1);
       }
-      auto result = attend_one(cut(part.query), cut(part.keys), cut(part.values), mask);
+      auto result = attend_one(cut(part.query), cut(part.keys), cut(part.values), mask, -1);
       if (outputs[unit.part].defined())  // made beforehand only for a part that was cut
         cut(outputs[unit.part]).copy_(result);
       else

@@ -145,7 +145,7 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
           gemv4_block<1>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
     }
   };
-  if (g_use_openmp || rows > 8)
+  if (g_use_openmp || (rows > 8 && at::get_num_threads() > 1))  // as in `linear`
     at::parallel_for(0, blocks, 4, body);
   else
     musicgen::ElasticPool::instance().run(blocks, std::max<int64_t>(1, (64 * 1024) / block_bytes), body);

@@ -291,9 +291,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
         for (int64_t b = t0; b < t1; ++b) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
     }
   };
-  if (g_use_openmp || rows > 8) {
+  if (g_use_openmp || (rows > 8 && at::get_num_threads() > 1)) {
     // A prefill's many rows (a re-prime, an audio prompt) run with torch's own team, which runs the prefill's
-    // attention between them: the pool beside that team made a 600-frame prefill ~12% slower.
+    // attention between them: the pool beside that team made a 600-frame prefill ~12% slower. A short chunk
+    // (the decoder runs it with torch single-threaded, as a step) goes to the pool.
     at::parallel_for(0, blocks, 4, body);
   } else {
     // Chunks of ~64 KB of weights for a step's few rows: fine enough to even out a helper that runs late.
@@ -320,9 +321,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_isa", &int4_isa, "the instruction set of this build's int4 kernel: avx2 or none");
   m.def("linear4", &linear4, "y = x @ dequantized(w4).T with per-row int8 activations, group-wise int4 weights "
         "(then GELU if gelu)", pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("attend_one", &attend_one, "attention of one query per (row, head): (rows, heads, 1, d) over keys and values "
-        "(rows, heads, length, d), additive float mask or None -> float32", pybind11::arg("query"), pybind11::arg("keys"),
-        pybind11::arg("values"), pybind11::arg("mask") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attend_one", &attend_one, "attention computed query by query: (rows, heads, T, d) over keys and values "
+        "(rows, heads, length, d), an additive float mask or None, causal from causal_start (-1: not causal) -> float32",
+        pybind11::arg("query"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("mask") = pybind11::none(),
+        pybind11::arg("causal_start") = -1, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
