@@ -156,16 +156,23 @@ def pack(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     return packed, padded.sum(dim=1, dtype=torch.int32), scales
 
 
-def reference_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic in PyTorch, operation for operation (the specification the tests hold it to):
-    per-row int8 activations, exact integer dot products, then the weight scale, then the row scale."""
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization: (..., in) float -> (rows, in) int64 in [-127, 127] and the
+    per-row scale (max |x| / 127, or 1 for a zero row; NaN for a row holding a NaN or an infinity, whose
+    outputs then all come out NaN)."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    finite = torch.isfinite(flat).all(dim=1)  # a row with a NaN or an infinity comes out all NaN
+    finite = torch.isfinite(flat).all(dim=1)
     peak = flat.abs().amax(dim=1)
     row_scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
     row_scale = torch.where(finite, row_scale, torch.full_like(row_scale, float("nan")))
     quantized = torch.round(flat * (1 / row_scale)[:, None])
-    quantized = torch.where(finite[:, None], quantized, torch.zeros_like(quantized)).to(torch.int64)
+    return torch.where(finite[:, None], quantized, torch.zeros_like(quantized)).to(torch.int64), row_scale
+
+
+def reference_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch, operation for operation (the specification the tests hold it to):
+    per-row int8 activations, exact integer dot products, then the weight scale, then the row scale."""
+    quantized, row_scale = quantize_rows_reference(x)
     dots = quantized @ values.to(torch.int64).T
     y = dots.float() * scale[None, :] * row_scale[:, None]
     return y.reshape(*x.shape[:-1], values.shape[0])
@@ -254,21 +261,15 @@ def reference_linear_int4(x: torch.Tensor, values: torch.Tensor, scales: torch.T
     """The int4 kernel's arithmetic in PyTorch (kernels/int4_gemv.h): per-row int8 activations as for int8, an
     exact integer dot product per group, then per group in order `acc = acc + float(dot) * scale`, then the
     row scale."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    finite = torch.isfinite(flat).all(dim=1)
-    peak = flat.abs().amax(dim=1)
-    row_scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
-    row_scale = torch.where(finite, row_scale, torch.full_like(row_scale, float("nan")))
-    quantized = torch.round(flat * (1 / row_scale)[:, None])
-    quantized = torch.where(finite[:, None], quantized, torch.zeros_like(quantized)).to(torch.int64)
+    quantized, row_scale = quantize_rows_reference(x)
     out, width = values.shape
     groups = scales.shape[1]
-    padded_q = torch.zeros(flat.shape[0], groups * group, dtype=torch.int64)
+    padded_q = torch.zeros(quantized.shape[0], groups * group, dtype=torch.int64)
     padded_q[:, :width] = quantized
     padded_w = torch.zeros(out, groups * group, dtype=torch.int64)
     padded_w[:, :width] = values.to(torch.int64)
     dots = torch.einsum("mgk,ogk->mog", padded_q.view(-1, groups, group), padded_w.view(out, groups, group))
-    acc = torch.zeros(flat.shape[0], out, dtype=torch.float32)
+    acc = torch.zeros(quantized.shape[0], out, dtype=torch.float32)
     for g in range(groups):
         acc = acc + dots[:, :, g].float() * scales[None, :, g]
     y = acc * row_scale[:, None]
