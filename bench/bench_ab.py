@@ -15,6 +15,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py profile  --model /tmp/mg-small   # where an int8 step's time goes (Python layers)
     python bench/bench_ab.py pool     --model /tmp/mg-small   # int8 on the elastic pool vs OpenMP's shares, idle
     python bench/bench_ab.py int4     --model /tmp/mg-small   # int8 vs int4 (each group size) steps, by context
+    python bench/bench_ab.py ttfa     --model /tmp/mg-small   # time to first audio through the engine: int8 vs int4
 """
 
 from __future__ import annotations
@@ -366,10 +367,28 @@ def int4(args) -> None:
             f"{scheme} {1000 * statistics.median(values):5.1f} ms" for scheme, values in times.items()), flush=True)
 
 
+def ttfa(args) -> None:
+    """bench_generate's time to first audio (a 10 s session, chunk of 1 frame, through the engine) for int8 and
+    int4 in turn, `--blocks` rounds: the new-prompt median and range, and the known-prompt and cold figures."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from bench_generate import time_to_first_audio
+    from musicgen_core import MusicGen
+
+    models = {scheme: MusicGen.from_pretrained(args.model, quantize=scheme) for scheme in ("int8", "int4")}
+    runs = {scheme: [] for scheme in models}
+    for _ in range(args.blocks):
+        for scheme, model in models.items():
+            runs[scheme].append(fresh(time_to_first_audio, model, sessions=6))
+    for scheme, values in runs.items():
+        new = [1000 * t for run in values for t in run[1:-1]]
+        print(f"{scheme}: new prompt median {statistics.median(new):.0f} ms ({min(new):.0f}-{max(new):.0f}); "
+              f"known {[round(1000 * run[-1]) for run in values]} ms; cold {[round(1000 * run[0]) for run in values]} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
-                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4"])
+                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
