@@ -16,6 +16,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py pool     --model /tmp/mg-small   # int8 on the elastic pool vs OpenMP's shares, idle
     python bench/bench_ab.py int4     --model /tmp/mg-small   # int8 vs int4 (each group size) steps, by context
     python bench/bench_ab.py ttfa     --model /tmp/mg-small   # time to first audio through the engine: int8 vs int4
+    python bench/bench_ab.py f32      --model /tmp/mg-small   # a float32 step per linear form, and its floor
 """
 
 from __future__ import annotations
@@ -385,10 +386,61 @@ def ttfa(args) -> None:
               f"known {[round(1000 * run[-1]) for run in values]} ms; cold {[round(1000 * run[0]) for run in values]} ms")
 
 
+def f32(args) -> None:
+    """A float32 step (2 rows, 0 frames of context) with every linear as F.linear, as weight @ x.T, and as the
+    kernel's linear_f32 (with and without torch single-threaded around the step), in turn; the floor is a
+    `sum` over the same weight tensors the step reads, timed in the same loop."""
+    from musicgen_core import MusicGen
+    from musicgen_core.decoder import FastLinear
+    from musicgen_core.int8_kernel import load_int8_kernel
+
+    model = MusicGen.from_pretrained(args.model)
+    decoder, kernel = model.decoder, load_int8_kernel()
+    chosen = decoder.layers[0].fc1
+    print(f"chosen at load: weight @ x.T for rows {sorted(chosen.transposed_rows)}, "
+          f"linear_f32 for rows {sorted(chosen.kernel_rows)}")
+    read = [m.weight for name, m in decoder.named_modules() if isinstance(m, FastLinear)
+            and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))]  # cross K/V: once per prompt
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    state = model.start_sequence(conditioning, model.default_sampling(), total_frames=40 * args.blocks + 10)
+    model.step([state])
+    every = frozenset({1, 2, 4, 6, 8})
+
+    def step() -> float:
+        started = time.perf_counter()
+        model.step([state])
+        return time.perf_counter() - started
+
+    def floor() -> float:
+        started = time.perf_counter()
+        for weight in read:
+            weight.sum()
+        return time.perf_counter() - started
+
+    def threads_on() -> None:
+        decoder.use_linear_forms(frozenset(), every, kernel)
+        decoder.kernel_rows = frozenset()  # the linears on the pool, torch's team left on
+
+    sides = {"F.linear": lambda: decoder.use_linear_forms(frozenset()),
+             "weight @ x.T": lambda: decoder.use_linear_forms(every),
+             "linear_f32": lambda: decoder.use_linear_forms(frozenset(), every, kernel),
+             "linear_f32, torch threads on": threads_on}
+    results = {name: [] for name in [*sides, "floor (sum)"]}
+    for _ in range(args.blocks):
+        for name, prepare in sides.items():
+            prepare()
+            results[name].append(min(step() for _ in range(3)))
+        results["floor (sum)"].append(min(floor() for _ in range(3)))
+    gigabytes = sum(w.numel() * w.element_size() for w in read) / 1e9
+    for name, values in results.items():
+        print(f"{name:30s} {1000 * statistics.median(values):6.1f} ms")
+    print(f"weights read per step: {gigabytes:.2f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
-                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa"])
+                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa", "f32"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)

@@ -39,35 +39,60 @@ def sinusoidal_positions(num_positions: int, width: int) -> torch.Tensor:
     return table
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, transposed_rows: frozenset[int] = frozenset()) -> torch.Tensor:
-    """x @ weight.T, as `weight @ x.T` when the row count is in `transposed_rows` (measured faster on this CPU
-    by `calibrate_linear`), else F.linear. The two agree to float rounding."""
+def linear(x: torch.Tensor, weight: torch.Tensor, transposed_rows: frozenset[int] = frozenset(),
+           kernel_rows: frozenset[int] = frozenset(), kernel=None) -> torch.Tensor:
+    """x @ weight.T, as `weight @ x.T` when the row count is in `transposed_rows`, or through our kernel's
+    streaming `linear_f32` when it is in `kernel_rows` (each measured faster on this CPU by
+    `calibrate_linear`), else F.linear. The three agree to float rounding."""
     rows = x.numel() // x.shape[-1]
-    if rows in transposed_rows and x.device.type == "cpu" and weight.dtype == x.dtype:
-        flat = x.reshape(rows, x.shape[-1])
-        return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
+    if x.device.type == "cpu" and weight.dtype == x.dtype:
+        if kernel is not None and rows in kernel_rows and x.dtype == torch.float32:
+            return kernel.linear_f32(x, weight)
+        if rows in transposed_rows:
+            flat = x.reshape(rows, x.shape[-1])
+            return (weight @ flat.T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
-def calibrate_linear(weight: torch.Tensor, rows_options=(1, 2, 4, 6, 8, 12, 16), repeats: int = 6) -> frozenset[int]:
-    """Time both matmul forms on a real weight for each row count -> those where weight @ x.T wins by 10%.
-    Small-batch F.linear is 2-4x slow on some CPUs (AMD EPYC, ../shared/NOTES.md) and the faster of the two on
-    others (a Xeon with AVX-512 here: 0.70 vs 1.16 ms at 2 rows), so the choice is measured, not assumed."""
+# linear_f32 is chosen while within this factor of torch's best form timed alone: a step on the kernel's pool
+# runs torch single-threaded, so no OpenMP team wakes for each small op between the linears. On the AVX2 EPYC
+# at 2 rows it was 10% slower alone (23.3 vs 21.1 ms over 24 fc1 weights) and 1.6x faster in the step (93 vs
+# 155 ms).
+KERNEL_CREDIT = 1.25
+
+
+def calibrate_linear(weights: torch.Tensor | list[torch.Tensor], rows_options=(1, 2, 4, 6, 8, 12, 16),
+                     repeats: int = 3, kernel=None) -> tuple[frozenset[int], frozenset[int]]:
+    """Time the small-batch forms for each row count over `weights` -> (rows where weight @ x.T wins, rows
+    where the kernel's linear_f32 wins), each by 10% over F.linear. Pass distinct weights with more bytes than
+    the last-level cache (the decoder's fc1s): a step streams every weight once, and timing one weight over and
+    over measured cache speed (a 16 MB weight sits in the AVX2 EPYC's 32 MB L3). Small-batch F.linear is 2-4x
+    slow on some CPUs (AMD EPYC) and the faster of torch's two forms on others (a Xeon with AVX-512: 0.70 vs
+    1.16 ms at 2 rows), so the choice is measured, not assumed."""
     import time
 
-    chosen = set()
+    weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    forms = {"linear": lambda x, w: F.linear(x, w), "transposed": lambda x, w: w @ x.T}
+    if kernel is not None and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights):
+        forms["kernel"] = lambda x, w: kernel.linear_f32(x, w)
+    chosen: dict[str, set[int]] = {"transposed": set(), "kernel": set()}
     for rows in rows_options:
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-        timings = []
-        for form in (lambda: F.linear(x, weight), lambda: weight @ x.T):
-            form()
-            started = time.perf_counter()
-            for _ in range(repeats):
-                form()
-            timings.append(time.perf_counter() - started)
-        if timings[1] < 0.9 * timings[0]:
-            chosen.add(rows)
-    return frozenset(chosen)
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}  # per input width
+        timings = dict.fromkeys(forms, float("inf"))
+        for form in forms.values():
+            form(inputs[weights[0].shape[1]], weights[0])
+        for _ in range(repeats):  # the forms in turn, so a noisy moment does not land on one of them only
+            for name, form in forms.items():
+                started = time.perf_counter()
+                for weight in weights:
+                    form(inputs[weight.shape[1]], weight)
+                timings[name] = min(timings[name], time.perf_counter() - started)
+        if "kernel" in timings:  # see KERNEL_CREDIT
+            timings["kernel"] /= KERNEL_CREDIT
+        winner = min(timings, key=timings.get)
+        if winner != "linear" and timings[winner] < 0.9 * timings["linear"]:
+            chosen[winner].add(rows)
+    return frozenset(chosen["transposed"]), frozenset(chosen["kernel"])
 
 
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -79,9 +104,11 @@ class FastLinear(nn.Linear):
     """nn.Linear (no bias) whose forward takes the small-batch CPU path of `linear`."""
 
     transposed_rows: frozenset[int] = frozenset()  # set for a whole decoder by use_transposed_rows
+    kernel_rows: frozenset[int] = frozenset()  # rows that take the kernel's linear_f32 (use_linear_forms)
+    kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.transposed_rows)
+        return linear(x, self.weight, self.transposed_rows, self.kernel_rows, self.kernel)
 
 
 class Attention(nn.Module):
@@ -153,12 +180,21 @@ class MusicgenDecoder(nn.Module):
         # attend_one instead of scaled_dot_product_attention: query by query, so a prefill in chunks, in one go
         # or column by column gives the same bits (quantize.build_layer_steps).
         self.one_query_attention = None
+        self.kernel_rows: frozenset[int] = frozenset()  # row counts whose linears take linear_f32 (use_linear_forms)
 
     def use_transposed_rows(self, rows: frozenset[int]) -> None:
         """Every linear layer of this decoder takes `weight @ x.T` for these row counts (calibrate_linear)."""
+        self.use_linear_forms(rows)
+
+    def use_linear_forms(self, transposed_rows: frozenset[int], kernel_rows: frozenset[int] = frozenset(),
+                         kernel=None) -> None:
+        """Every linear layer takes `weight @ x.T` for `transposed_rows` and the kernel's linear_f32 for
+        `kernel_rows` (calibrate_linear's choice), F.linear otherwise."""
+        self.kernel_rows = kernel_rows if kernel is not None else frozenset()
         for module in self.modules():
             if isinstance(module, FastLinear):
-                module.transposed_rows = rows
+                module.transposed_rows, module.kernel_rows = transposed_rows, kernel_rows
+                module.kernel = kernel if kernel_rows else None
 
     def fuse_projections(self) -> None:
         """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv), and the
@@ -239,7 +275,10 @@ class MusicgenDecoder(nn.Module):
         (rows_i, codebooks, time or 1, vocab) in float32."""
         # A step, or a short prefill chunk, runs on the kernel's pool with torch single-threaded: torch's team
         # woke for every small op (100-200 us each for a layer norm or a mask of a 4-column chunk here).
+        # So does a float decoder's step whose linears take the kernel's linear_f32 at this row count.
         pooled = self.layer_steps is not None and all(t.shape[1] <= POOLED_COLUMNS for t in tokens)
+        if not pooled and self.kernel_rows:
+            pooled = sum(c.rows for c in caches) * tokens[0].shape[1] in self.kernel_rows
         with _attention_backends(self.layer_norm.weight.device), \
                 torch_single_threaded() if pooled else contextlib.nullcontext():
             return self._forward(tokens, caches, crosses, last_only)

@@ -28,8 +28,49 @@ def test_small_batch_linear_equals_f_linear(rows):
 
 
 def test_linear_calibration_returns_only_row_counts_it_measured():
-    chosen = decoder_module.calibrate_linear(torch.randn(256, 128), rows_options=(1, 2), repeats=2)
-    assert chosen <= {1, 2}
+    transposed, kernel_rows = decoder_module.calibrate_linear(torch.randn(256, 128), rows_options=(1, 2), repeats=2)
+    assert transposed <= {1, 2} and not kernel_rows  # no kernel offered
+
+
+def test_linear_calibration_times_distinct_weights_and_gives_each_row_count_one_form():
+    from musicgen_core.int8_kernel import load_int8_kernel
+
+    kernel = load_int8_kernel()
+    weights = [torch.randn(512, 256) for _ in range(4)]
+    transposed, kernel_rows = decoder_module.calibrate_linear(weights, rows_options=(1, 2, 4), kernel=kernel)
+    assert transposed | kernel_rows <= {1, 2, 4} and not transposed & kernel_rows
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_kernels_float32_linear_equals_f_linear_to_rounding(rows):
+    from musicgen_core.int8_kernel import load_int8_kernel
+
+    kernel = load_int8_kernel()
+    generator = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 1, 1030, generator=generator), torch.randn(300, 1030, generator=generator)
+    got = linear(x, weight, kernel_rows=frozenset({rows}), kernel=kernel)
+    assert got.shape == (rows, 1, 300)
+    assert torch.allclose(got, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="linear_f32"):
+        kernel.linear_f32(x, weight.T)  # not contiguous
+
+
+def test_a_float_decoder_through_the_kernels_linear_steps_like_f_linear(mono_checkpoint):
+    from musicgen_core.int8_kernel import load_int8_kernel
+
+    model = MusicGen.from_pretrained(mono_checkpoint)
+    conditioning = model.encode_text([TEXT])[0]
+    logits = []
+    for forms in ((frozenset(), frozenset(), None), (frozenset(), frozenset({1, 2}), load_int8_kernel())):
+        model.decoder.use_linear_forms(*forms)
+        state = model.start_sequence(conditioning, model.default_sampling(greedy=True), total_frames=8)
+        with torch.inference_mode():
+            logits.append([model.decoder([state.pending_columns()], [state.cache], [state.cross])[0]])
+            state.grid.place(logits[-1][0][0, :, -1].argmax(-1))
+            logits[-1].append(model.decoder([state.pending_columns()], [state.cache], [state.cross])[0])
+    model.decoder.use_linear_forms(frozenset())
+    for plain, fast in zip(*logits):
+        assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-4)
 
 
 def test_a_decoder_takes_the_calibrated_form_in_every_linear_layer(mono_checkpoint):

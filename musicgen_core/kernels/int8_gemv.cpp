@@ -309,6 +309,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 }  // namespace
 
 #include "int4_gemv.h"  // int4 weights: uses quantize_rows and the 8-lane GELU above
+#include "f32_gemv.h"  // float32 weights, for float decoders' steps
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this build has a kernel (AVX-512 VNNI or AVX2)");
@@ -325,6 +326,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(rows, heads, length, d), an additive float mask or None, causal from causal_start (-1: not causal) -> float32",
         pybind11::arg("query"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("mask") = pybind11::none(),
         pybind11::arg("causal_start") = -1, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("linear_f32", &linear_f32, "y = x @ weight.T for float32 x of a few rows, streaming the weight once",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
