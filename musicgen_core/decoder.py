@@ -186,6 +186,21 @@ class MusicgenDecoder(nn.Module):
         """Every linear layer of this decoder takes `weight @ x.T` for these row counts (calibrate_linear)."""
         self.use_linear_forms(rows)
 
+    def choose_linear_forms(self) -> None:
+        """A float decoder's small-batch matmul form per row count, timed at load over its own weights for
+        torch's two forms and, for float32, our kernel's streaming linear_f32 (built on first use like the int8
+        kernel; without it, torch's forms only). The weights: every linear of the first layers (each shape a
+        step streams), ~220 MB for musicgen-small, more than a last-level cache; fc1 alone chose weight @ x.T at
+        2 rows on the EPYC, where over the whole step linear_f32 was 1.6x faster."""
+        from .int8_kernel import load_int8_kernel
+
+        kernel = load_int8_kernel() if self.layer_norm.weight.dtype == torch.float32 else None
+        weights = [linear.weight for layer in self.layers[:4] for linear in
+                   (layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
+                    layer.encoder_attn.out_proj, layer.fc1, layer.fc2)]
+        transposed, kernel_rows = calibrate_linear(weights, rows_options=(1, 2, 4, 6, 8), kernel=kernel)
+        self.use_linear_forms(transposed, kernel_rows, kernel)
+
     def use_linear_forms(self, transposed_rows: frozenset[int], kernel_rows: frozenset[int] = frozenset(),
                          kernel=None) -> None:
         """Every linear layer takes `weight @ x.T` for `transposed_rows` and the kernel's linear_f32 for

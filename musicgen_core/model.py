@@ -90,7 +90,7 @@ class MusicGen:
             quantize_decoder(modules.decoder, quantize)
             _copy_out_of_the_checkpoint(modules)
         elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
-            _choose_linear_forms(modules.decoder)
+            modules.decoder.choose_linear_forms()
         modules.decoder.kv_dtype = kv_dtype or (torch.bfloat16 if quantize is not None and has_bf16() else None)
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"
@@ -214,8 +214,7 @@ class MusicGen:
     @torch.inference_mode()
     def step(self, states: list[SequenceState], max_prefill_columns: int | None = None,
              prefills: list[tuple[SequenceState, torch.Tensor]] = ()):
-        """One column for each state (generation.step_sequences: a long prompt may be cut into chunks; other
-        states' caches may take columns in the same forwards)."""
+        """One column for each state; prompts cut into chunks, other caches fed alongside: step_sequences."""
         return step_sequences(self.decoder, states, self.graphs, max_prefill_columns, prefills)
 
     @torch.inference_mode()
@@ -281,26 +280,6 @@ class MusicGen:
         if len(audio_prompt) != count:
             raise ValueError(f"{len(audio_prompt)} audio prompts for {count} text prompts")
         return list(audio_prompt)
-
-
-def _choose_linear_forms(decoder) -> None:
-    """A float decoder's small-batch matmul form per row count, timed over its own weights (distinct, more
-    bytes than the last-level cache) for torch's two forms and, for float32, our kernel's streaming
-    linear_f32 (built on first use like the int8 kernel; without it, torch's forms only)."""
-    from .decoder import calibrate_linear
-    from .int8_kernel import load_int8_kernel
-
-    kernel = load_int8_kernel() if decoder.layer_norm.weight.dtype == torch.float32 else None
-    if kernel is not None and kernel.int4_isa() == "none":
-        kernel = None
-    # Every linear of the first layers (each shape a step streams: fused qkv, out, cross q and out, fc1, fc2):
-    # ~220 MB for musicgen-small, more than a last-level cache. fc1 alone chose weight @ x.T at 2 rows on the
-    # EPYC, where over the whole step linear_f32 was 1.6x faster.
-    weights = [linear.weight for layer in decoder.layers[:4] for linear in
-               (layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
-                layer.encoder_attn.out_proj, layer.fc1, layer.fc2)]
-    transposed, kernel_rows = calibrate_linear(weights, rows_options=(1, 2, 4, 6, 8), kernel=kernel)
-    decoder.use_linear_forms(transposed, kernel_rows, kernel)
 
 
 def _copy_out_of_the_checkpoint(modules: nn.Module) -> None:

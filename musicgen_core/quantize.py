@@ -43,9 +43,9 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
     targets = [name for name, module in decoder.named_modules() if isinstance(module, FastLinear)]
     kernel = load_int8_kernel() if scheme != "int8-fbgemm" else None
     group = INT4_SCHEMES.get(scheme)
-    if group is not None and (kernel is None or kernel.int4_isa() == "none"):
+    if group is not None and kernel is None:  # a kernel that loads has AVX2 (load_int8_kernel), so int4 too
         raise ValueError(f"quantize={scheme} needs our int4 kernel, which is unavailable here: "
-                         f"{int8_kernel_failure() or 'the kernel was built without AVX2'}")
+                         f"{int8_kernel_failure()}")
     if scheme == "int8" and kernel is None:
         log.warning("int8: our kernel is unavailable (%s); using fbgemm", int8_kernel_failure())
     if kernel is not None:
@@ -75,7 +75,7 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
 def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
     """Give the decoder one C++ `DecoderLayerStep` per layer for one-column steps (decoder._fused_layers). They
     hold the layers' current tensors and flags: call again after changing a layer (or set
-    `decoder.layer_steps = None` to step through Python). A one-column step's attention, in both, is the
+    `decoder.layer_steps = None` to step through Python). Attention, in both and in a prefill, is the
     kernel's attend_one (`decoder.one_query_attention`)."""
     steps = []
     for layer in decoder.layers:

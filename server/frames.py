@@ -128,7 +128,7 @@ class FrameSource:
         if stop <= done:
             return None
         decoder = self.model.config.decoder
-        prompt = self.history[:, self.history.shape[1] - (self.frames_done - first):][:, :known]
+        prompt = self.history[:, self.history.shape[1] - (self.frames_done - first):][:, :stop]  # what they need
         columns = build_delayed(prompt, decoder.delays, decoder.pad_token_id, stop)[:, done:stop]
         return self.next, columns
 
