@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import DecoderConfig
 from .state import CrossAttentionKV, KVCache
-from .threads import torch_single_threaded
+from .threads import pooled_step
 
 
 def _attention_backends(device: torch.device):
@@ -295,7 +295,7 @@ class MusicgenDecoder(nn.Module):
         if not pooled and self.kernel_rows:
             pooled = sum(c.rows for c in caches) * tokens[0].shape[1] in self.kernel_rows
         with _attention_backends(self.layer_norm.weight.device), \
-                torch_single_threaded() if pooled else contextlib.nullcontext():
+                pooled_step() if pooled else contextlib.nullcontext():
             return self._forward(tokens, caches, crosses, last_only)
 
     def _forward(self, tokens, caches, crosses, last_only):

@@ -16,6 +16,7 @@ from .decoder import MusicgenDecoder
 from .delay import DelayGrid
 from .sampling import SamplingParams, choose_tokens
 from .state import CrossAttentionKV, KVCache
+from .threads import torch_single_threaded
 
 
 @dataclass
@@ -87,13 +88,15 @@ def step_sequences(decoder: MusicgenDecoder, states: list[SequenceState], graphs
 
 
 def _sample(states: list[SequenceState], logits: list[torch.Tensor]) -> list[StepResult]:
-    results = []
-    for state, value in zip(states, logits):
-        tokens = choose_tokens(value, state.params, state.generator)
-        index = state.grid.next_column
-        column = state.grid.place(tokens.cpu())
-        state.steps += 1
-        frame = state.grid.completed_frame()
-        codes = None if frame is None else state.grid.frame(frame).clone()
-        results.append(StepResult(column.clone(), index, frame, codes))
-    return results
+    with torch_single_threaded():  # (codebooks, vocab) per sequence: too small to share out
+        return [_sample_one(state, value) for state, value in zip(states, logits)]
+
+
+def _sample_one(state: SequenceState, value: torch.Tensor) -> StepResult:
+    tokens = choose_tokens(value, state.params, state.generator)
+    index = state.grid.next_column
+    column = state.grid.place(tokens.cpu())
+    state.steps += 1
+    frame = state.grid.completed_frame()
+    codes = None if frame is None else state.grid.frame(frame).clone()
+    return StepResult(column.clone(), index, frame, codes)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .cpu import cpu_flags
-from .threads import KERNEL_SPIN_US
+from .threads import KERNEL_BURST_SPIN_US, KERNEL_SPIN_US
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_gemv.cpp"
 # The kernel's instruction sets, best first, with the CPU flags each needs (compiled with -march=native, the
@@ -35,6 +35,9 @@ OUTPUT_BLOCK, INPUT_BLOCK = 16, 8  # the packed layout pads outputs and inputs t
 # -ffp-contract=off: a multiply then an add stays two roundings (the int4 kernel's group sums are specified that
 # way, and reference_linear_int4 computes them so), never an FMA the compiler chose.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
+# A build for an instruction set below the CPU's best (the tests run the AVX2 kernels on an AVX-512 machine too):
+# -march=native without these extensions.
+ISA_CFLAGS = {"avx512-vnni": (), "avx2": ("-mno-avx512f",)}
 STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old was left by a process that died building
 
 log = logging.getLogger(__name__)
@@ -42,23 +45,27 @@ _kernel = None
 _failure: str | None = None
 
 
-def kernel_build_directory() -> Path:
-    """One directory per (source, torch, CPU): a kernel built with -march=native must not meet another CPU."""
+def kernel_build_directory(cflags: tuple[str, ...] = CFLAGS) -> Path:
+    """One directory per (source, torch, flags, CPU): a kernel built with -march=native must not meet another CPU."""
     identity = hashlib.sha256()
     for source in sorted(SOURCE.parent.iterdir()):  # the .cpp and the headers it includes
         if source.suffix in (".cpp", ".h"):
             identity.update(source.name.encode() + source.read_bytes())
     identity.update(torch.__version__.encode())
-    identity.update(" ".join(CFLAGS).encode())
+    identity.update(" ".join(cflags).encode())
     identity.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("MUSICGEN_KERNEL_DIR", Path.home() / ".cache" / "musicgen-live" / "kernels"))
     return root / identity.hexdigest()[:16]
 
 
-def load_int8_kernel():
+def load_int8_kernel(isa: str | None = None):
     """The compiled kernel module, or None (see `int8_kernel_failure` for why). Compiles once per machine
-    (about 30 s), then loads from the cache."""
+    (about 30 s), then loads from the cache. isa: a build for that instruction set rather than the CPU's best
+    (one of `runnable_isas()`; the tests hold every kernel the CPU can run to the reference); only the default
+    build is the process's kernel (`loaded_int8_kernel`)."""
     global _kernel, _failure
+    if isa is not None and isa != kernel_isa(cpu_flags()):
+        return _load_variant(isa)
     if _kernel is not None or _failure is not None:
         return _kernel
     isa = kernel_isa(cpu_flags()) if platform.machine().lower() in ("x86_64", "amd64") else None
@@ -66,9 +73,7 @@ def load_int8_kernel():
         _failure = f"this CPU lacks {', '.join(KERNEL_ISAS['avx2'])} (and AVX-512 VNNI)"
         return None
     try:
-        directory = kernel_build_directory()
-        name = f"musicgen_int8_{directory.name}"
-        module = _import_built(name, directory / f"{name}.so") or _build(name, directory)
+        module = _import_or_build(CFLAGS)
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, and say so
         _failure = f"building {SOURCE.name} failed: {str(error).strip().splitlines()[-1] if str(error) else error!r}"
         log.warning("int8 kernel unavailable (%s); using fbgemm", _failure)
@@ -77,9 +82,31 @@ def load_int8_kernel():
         _failure = f"the compiler built the {module.isa()} kernel where this CPU has {isa}"
         return None
     log.info("int8 kernel: %s", isa)
-    module.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, False)
+    module.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, False, burst_spin_us=KERNEL_BURST_SPIN_US)
     _kernel = module
     return _kernel
+
+
+_variants: dict[str, object] = {}
+
+
+def _load_variant(isa: str):
+    """A build for `isa` below the CPU's best (raises where the CPU cannot run it or the build fails)."""
+    if isa not in runnable_isas(cpu_flags()):
+        raise ValueError(f"this CPU cannot run the {isa} kernel (it runs {runnable_isas(cpu_flags())})")
+    if isa not in _variants:
+        module = _import_or_build(CFLAGS + ISA_CFLAGS[isa])
+        if module.isa() != isa:
+            raise RuntimeError(f"the {isa} build came out {module.isa()}")
+        module.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, False, burst_spin_us=KERNEL_BURST_SPIN_US)
+        _variants[isa] = module
+    return _variants[isa]
+
+
+def _import_or_build(cflags: tuple[str, ...]):
+    directory = kernel_build_directory(cflags)
+    name = f"musicgen_int8_{directory.name}"
+    return _import_built(name, directory / f"{name}.so") or _build(name, directory, cflags)
 
 
 def loaded_int8_kernel():
@@ -89,10 +116,13 @@ def loaded_int8_kernel():
 
 def kernel_isa(flags: frozenset[str] | set[str]) -> str | None:
     """The kernel's instruction set for a CPU with these flags (the best it has), or None."""
-    for isa, needed in KERNEL_ISAS.items():
-        if all(flag in flags for flag in needed):
-            return isa
-    return None
+    runnable = runnable_isas(flags)
+    return runnable[0] if runnable else None
+
+
+def runnable_isas(flags: frozenset[str] | set[str]) -> list[str]:
+    """Every kernel instruction set a CPU with these flags can run, best first."""
+    return [isa for isa, needed in KERNEL_ISAS.items() if all(flag in flags for flag in needed)]
 
 
 def _import_built(name: str, library: Path):
@@ -113,7 +143,7 @@ def _import_built(name: str, library: Path):
         return None
 
 
-def _build(name: str, directory: Path):
+def _build(name: str, directory: Path, cflags: tuple[str, ...]):
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,7 +153,7 @@ def _build(name: str, directory: Path):
         lock.unlink(missing_ok=True)
     log.warning("int8: compiling the kernel for this CPU, once (about 30 s), into %s", directory)
     return load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
-                extra_cflags=list(CFLAGS), verbose=False)
+                extra_cflags=list(cflags), verbose=False)
 
 
 def int8_kernel_failure() -> str | None:

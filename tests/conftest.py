@@ -26,6 +26,24 @@ from checkpoints import make_checkpoint, train_spiece_model  # noqa: E402
 torch.set_num_threads(2)
 
 
+def _runnable_isas() -> list[str]:
+    from musicgen_core.cpu import cpu_flags
+    from musicgen_core.int8_kernel import runnable_isas
+    return runnable_isas(cpu_flags())
+
+
+@pytest.fixture(scope="module", params=_runnable_isas() or [None])
+def isa_kernel(request):
+    """The kernel extension built for each instruction set this CPU can run, best first: on the AVX-512 Xeon
+    the AVX2 build as well, so every x86 machine of the project tests the AVX2 kernels."""
+    from musicgen_core.int8_kernel import load_int8_kernel
+    if request.param is None:
+        pytest.skip("neither AVX2 nor AVX-512 VNNI on this CPU")
+    module = load_int8_kernel(request.param)
+    assert module.isa() == request.param
+    return module
+
+
 @pytest.fixture(scope="session")
 def checkpoint_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("musicgen_checkpoints")

@@ -31,43 +31,43 @@ def cache_slice(rows: int, heads: int, length: int, head_dim: int, dtype: torch.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length", [1, 3, 8, 13, 600])
-def test_it_equals_sdpa_to_float_rounding(kernel, dtype, length):
+def test_it_equals_sdpa_to_float_rounding(isa_kernel, dtype, length):
     query, keys, values = cache_slice(2, 16, length, 64, dtype, length)
     expected = F.scaled_dot_product_attention(query.to(dtype).float(), keys.float(), values.float())
-    got = kernel.attend_one(query, keys, values)
+    got = isa_kernel.attend_one(query, keys, values)
     assert got.dtype == torch.float32 and got.shape == (2, 16, 1, 64)
     assert (got - expected).abs().max() < 2e-6
 
 
-def test_masked_keys_weigh_nothing_and_a_fully_masked_row_attends_evenly(kernel):
+def test_masked_keys_weigh_nothing_and_a_fully_masked_row_attends_evenly(isa_kernel):
     """The unconditional row of guidance is fully masked (transformers' null conditioning): it averages the
     values evenly, as sdpa does with the mask at float's minimum."""
     query, keys, values = cache_slice(2, 4, 11, 32, torch.float32, 0)
     mask = torch.zeros(2, 1, 1, 11)
     mask[0, ..., 8:] = MINIMUM
     mask[1] = MINIMUM
-    got = kernel.attend_one(query, keys, values, mask)
+    got = isa_kernel.attend_one(query, keys, values, mask)
     expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
     assert (got - expected).abs().max() < 2e-6
-    alone = kernel.attend_one(query[:1], keys[:1, :, :8], values[:1, :, :8])
+    alone = isa_kernel.attend_one(query[:1], keys[:1, :, :8], values[:1, :, :8])
     assert (got[:1] - alone).abs().max() < 2e-6
     assert torch.allclose(got[1], values[1].mean(dim=1, keepdim=True), atol=2e-6)
 
 
-def test_a_per_head_mask_is_applied_per_head(kernel):
+def test_a_per_head_mask_is_applied_per_head(isa_kernel):
     query, keys, values = cache_slice(1, 4, 9, 16, torch.float32, 1)
     mask = torch.zeros(1, 4, 1, 9)
     mask[0, 2, 0, :5] = MINIMUM
     expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-    assert (kernel.attend_one(query, keys, values, mask) - expected).abs().max() < 2e-6
+    assert (isa_kernel.attend_one(query, keys, values, mask) - expected).abs().max() < 2e-6
 
 
-def test_any_slice_of_rows_and_heads_gives_the_same_bits(kernel):
+def test_any_slice_of_rows_and_heads_gives_the_same_bits(isa_kernel):
     """The C++ layer cuts a step's attention by rows or heads across its threads."""
     query, keys, values = cache_slice(2, 8, 301, 64, torch.float32, 2)
-    whole = kernel.attend_one(query, keys, values)
+    whole = isa_kernel.attend_one(query, keys, values)
     for rows, heads in ((slice(0, 1), slice(0, 8)), (slice(1, 2), slice(3, 6)), (slice(0, 2), slice(7, 8))):
-        part = kernel.attend_one(query[rows, heads], keys[rows, heads], values[rows, heads])
+        part = isa_kernel.attend_one(query[rows, heads], keys[rows, heads], values[rows, heads])
         assert torch.equal(part, whole[rows, heads])
 
 

@@ -21,19 +21,19 @@ from test_int8_kernel import step_cpp_and_python_layers
 def kernel():
     module = load_int8_kernel()
     assert module is not None, int8_kernel.int8_kernel_failure()  # every x86 machine here has AVX2
-    assert module.int4_isa() == "avx2"
+    assert module.int4_isa() == module.isa()  # AVX-512 VNNI where the CPU has it, else AVX2
     return module
 
 
 @pytest.mark.parametrize("group", INT4_GROUPS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17])
 @pytest.mark.parametrize("out_features,in_features", [(64, 32), (37, 29), (512, 1024), (40, 300)])
-def test_kernel_equals_the_reference_arithmetic(kernel, group, rows, out_features, in_features):
+def test_kernel_equals_the_reference_arithmetic(isa_kernel, group, rows, out_features, in_features):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features + group)
     weight = torch.randn(out_features, in_features, generator=generator)
     x = torch.randn(rows, 1, in_features, generator=generator) * 5
     values, scales = quantize_weight_int4(weight, group)
-    got = Int4Linear(weight, kernel, group)(x)
+    got = Int4Linear(weight, isa_kernel, group)(x)
     assert got.shape == (rows, 1, out_features)
     assert torch.equal(got, reference_linear_int4(x, values, scales, group))
 
@@ -77,20 +77,20 @@ def test_quantized_linear_is_close_to_float_and_finer_groups_are_closer(kernel, 
 
 
 @pytest.mark.parametrize("rows", [1, 2, 9])
-def test_kernel_gelu_equals_the_reference_then_torch_gelu(kernel, rows):
+def test_kernel_gelu_equals_the_reference_then_torch_gelu(isa_kernel, rows):
     generator = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(80, 96, generator=generator), torch.randn(rows, 1, 96, generator=generator)
     linear = reference_linear_int4(x, *quantize_weight_int4(weight, 32), 32)
-    got = Int4Linear(weight, kernel, 32, applies_gelu=True)(x)
+    got = Int4Linear(weight, isa_kernel, 32, applies_gelu=True)(x)
     assert linear.abs().max() > 4  # the tails, where erf saturates, are covered too
     assert (got - torch.nn.functional.gelu(linear)).abs().max() <= 1e-6 * max(1.0, linear.abs().max().item())
 
 
-def test_a_row_with_nan_or_inf_comes_out_nan_and_leaves_the_others_alone(kernel):
+def test_a_row_with_nan_or_inf_comes_out_nan_and_leaves_the_others_alone(isa_kernel):
     weight, x = torch.randn(48, 70), torch.randn(4, 1, 70)
     x[1, 0, 3] = float("nan")
     x[2, 0, 69] = float("inf")
-    got = Int4Linear(weight, kernel, 64)(x)
+    got = Int4Linear(weight, isa_kernel, 64)(x)
     expected = reference_linear_int4(x, *quantize_weight_int4(weight, 64), 64)
     assert torch.isnan(got[1:3]).all() and torch.isnan(expected[1:3]).all()
     assert torch.equal(got[[0, 3]], expected[[0, 3]])
@@ -106,17 +106,17 @@ def test_the_kernel_refuses_a_wrong_width_or_group(kernel):
         quantize_weight_int4(torch.randn(16, 64), 48)
 
 
-def test_the_pool_runs_an_int4_linear_with_any_thread_count_to_the_same_bits(kernel):
+def test_the_pool_runs_an_int4_linear_with_any_thread_count_to_the_same_bits(isa_kernel):
     weight, x = torch.randn(1000, 1024), torch.randn(2, 1, 1024)
-    layer = Int4Linear(weight, kernel, 64)
+    layer = Int4Linear(weight, isa_kernel, 64)
     expected = reference_linear_int4(x, *quantize_weight_int4(weight, 64), 64)
-    saved = kernel.parallel()
+    saved = isa_kernel.parallel()
     try:
         for threads in (1, 2, 4):
-            kernel.set_parallel(threads, saved[1], False)
+            isa_kernel.set_parallel(threads, saved[1], False)
             assert torch.equal(layer(x), expected)
     finally:
-        kernel.set_parallel(saved[0], saved[1], bool(saved[2]), saved[3])
+        isa_kernel.set_parallel(saved[0], saved[1], bool(saved[2]), saved[3], saved[4])
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 64), ("int4-g32", 32), ("int4-g128", 128)])

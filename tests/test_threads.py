@@ -12,7 +12,7 @@ import time
 import pytest
 
 from musicgen_core.int8_kernel import load_int8_kernel
-from musicgen_core.threads import GOMP_SPINCOUNT, KERNEL_SPIN_US
+from musicgen_core.threads import GOMP_SPINCOUNT, KERNEL_BURST_SPIN_US, KERNEL_SPIN_US, pooled_step
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_musicgen_generate_runs_under_the_policy(mono_checkpoint, kernel, tmp_pa
     assert stats["kernel_parallel"] == "elastic-pool"
     assert stats["kernel_threads"] == "2" and stats["torch_threads"] == "2"
     assert stats["kernel_spin_us"] == str(KERNEL_SPIN_US)
+    assert stats["kernel_burst_spin_us"] == str(KERNEL_BURST_SPIN_US)
 
 
 def test_a_spin_count_the_user_set_is_kept(mono_checkpoint, kernel, tmp_path):
@@ -68,3 +69,22 @@ def test_musicgen_server_logs_the_policy_it_runs_under(mono_checkpoint, kernel):
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_pooled_step_runs_torch_single_threaded_in_a_burst_and_restores_both(kernel):
+    import torch
+
+    threads = torch.get_num_threads()
+    with pooled_step():
+        assert torch.get_num_threads() == 1 and kernel.pool_state()[0] == 1
+        with pooled_step():  # a nested step keeps the burst open until the outer one ends
+            assert kernel.pool_state()[0] == 2
+        assert torch.get_num_threads() == 1 and kernel.pool_state()[0] == 1
+    assert torch.get_num_threads() == threads and kernel.pool_state()[0] == 0
+
+
+def test_a_pooled_step_closes_its_burst_when_the_step_raises(kernel):
+    with pytest.raises(RuntimeError, match="boom"):
+        with pooled_step():
+            raise RuntimeError("boom")
+    assert kernel.pool_state()[0] == 0

@@ -16,10 +16,11 @@ namespace {
 // A/B only (bench_shared_cpu.py): run the kernel's linears and the layer's attention as before the elastic pool,
 // at::parallel_for and torch's own threads, OpenMP's fixed shares.
 bool g_use_openmp = false;
-// A sequence's attention is cut into a chunk per this many bytes of KV cache read (2 MB measured; the tests
-// lower it to cut every attention), at most kMaxAttentionChunks.
-int64_t g_attention_chunk_bytes = 2 << 20;
-constexpr int64_t kMaxAttentionChunks = 4;
+// A sequence's attention is cut into units of (row, heads) reading about this many bytes of KV cache each (the
+// tests lower it to cut every attention). 256 KB is ~15 us of one thread: in a step the pool's helpers are hot
+// (a burst), so a region costs a few us; at 300 frames of context on the 2-core Xeon 256 KB made an int8 step
+// 31.4 ms against 34.0 with 2 MB.
+int64_t g_attention_chunk_bytes = 256 << 10;
 
 // Defined in int8_gemv.cpp: x (..., in_features) float32 @ the dequantized packed weight, then GELU if gelu.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
@@ -96,17 +97,17 @@ class DecoderLayerStep {
   // torch's threads at 1 on this thread for one chunk of attention, restored after (a per-thread OpenMP
   // setting; torch's first parallel call on a thread sets it from the global count, so that call is made
   // first). The stepping thread itself is already at 1: the decoder runs pooled steps under
-  // threads.torch_single_threaded.
+  // threads.pooled_step.
   struct TorchSingleThreaded {
     int saved = (at::get_num_threads(), omp_get_max_threads());
     TorchSingleThreaded() { omp_set_num_threads(1); }
     ~TorchSingleThreaded() { omp_set_num_threads(saved); }
   };
 
-  // Each sequence's attention, cut into chunks the pool's threads share where it reads enough of the KV cache
-  // to be worth it (a region costs a few us, more than a short attention): by rows (guidance gives two), else
-  // by heads. Every (row, head) is computed on its own by attend_one, so a slice gives the same values as the
-  // whole call.
+  // Each sequence's attention, cut into units the pool's threads share where it reads enough of the KV cache
+  // to be worth it (a region costs a few us, more than a short attention): by rows (guidance gives two), then
+  // by groups of heads. Every (row, head) is computed on its own by attend_one, so a slice gives the same values
+  // as the whole call.
   std::vector<torch::Tensor> attend(const std::vector<Attention>& parts) const {
     struct Unit {
       size_t part;
@@ -114,22 +115,26 @@ class DecoderLayerStep {
     };
     std::vector<Unit> units;
     std::vector<torch::Tensor> outputs;
+    // A contended pool (a neighbour on a helper's core) cuts coarser: a unit a preempted helper holds makes the
+    // caller wait, and the waits are fewer with fewer units.
+    const int64_t unit_bytes = musicgen::ElasticPool::instance().is_hot() ? g_attention_chunk_bytes
+                                                                          : 8 * g_attention_chunk_bytes;
     for (size_t i = 0; i < parts.size(); ++i) {
       const auto& keys = parts[i].keys;
       const int64_t rows = keys.size(0);
       const int64_t bytes = 2 * rows * heads_ * keys.size(2) * keys.size(3) * keys.element_size();
-      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / g_attention_chunk_bytes, 1, kMaxAttentionChunks);
+      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, rows * heads_);
       if (chunks == 1) {
         units.push_back({i, 0, rows, 0, heads_});
         outputs.emplace_back();  // the whole call's output, made where it runs
         continue;
       }
-      if (rows > 1) {
-        for (int64_t r = 0; r < rows; ++r) units.push_back({i, r, r + 1, 0, heads_});
-      } else {
-        const int64_t per_chunk = (heads_ + chunks - 1) / chunks;
-        for (int64_t h0 = 0; h0 < heads_; h0 += per_chunk) units.push_back({i, 0, 1, h0, std::min(heads_, h0 + per_chunk)});
-      }
+      const int64_t row_step = chunks >= rows ? 1 : rows;  // rows first, then heads within a row
+      const int64_t head_groups = std::max<int64_t>(1, chunks / (rows / row_step));
+      const int64_t per_group = (heads_ + head_groups - 1) / head_groups;
+      for (int64_t r = 0; r < rows; r += row_step)
+        for (int64_t h0 = 0; h0 < heads_; h0 += per_group)
+          units.push_back({i, r, std::min(rows, r + row_step), h0, std::min(heads_, h0 + per_group)});
       outputs.push_back(at::empty({rows, heads_, 1, parts[i].values.size(3)}, parts[i].query.options().dtype(torch::kFloat32)));
     }
     auto run_unit = [&](const Unit& unit) {

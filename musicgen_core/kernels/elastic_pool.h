@@ -7,12 +7,23 @@
 // into chunks that threads claim one at a time; the caller claims chunks too and, once none are left, waits
 // only for the chunks other threads have claimed and not finished. A helper that is not running just does less.
 //
-// Helpers spin for `spin_us` after their last chunk (the next region of a step follows within microseconds),
-// then sleep on a condition variable. The caller spins for the same time, then sleeps too, which frees its core
-// for a descheduled helper to be moved onto, so a claimed chunk never waits long for the scheduler.
+// Helpers spin for `spin_us` after their last chunk, then sleep on a condition variable. The caller spins for the
+// same time, then sleeps too, which frees its core for a descheduled helper to be moved onto, so a claimed chunk
+// never waits long for the scheduler.
+//
+// Inside a burst (a decoder step: ~150 regions with gaps of 10-100 us between them) the pool is hot: helpers
+// spin up to `burst_spin_us` between regions and the caller up to kPreemptedUs for the last claimed chunks, so
+// nobody sleeps and wakes ~150 times a step (on the 2-core Xeon a step took 3-4 ms longer that way than with
+// OpenMP's spinning team, and a woken thread was now and then placed on the waker's core). A helper that
+// finds its clock jumped while it spun or worked (over kPreemptedUs) and its thread switched out by the
+// scheduler has met a neighbour that wants its core: after kRepeats such preemptions within kRepeatUs the pool
+// is contended for kContendedUs, and behaves as outside a burst, so the neighbour gets the core and the helper,
+// woken for work, is favoured by the scheduler as a thread that slept. On a machine to itself nothing preempts
+// a helper and the pool stays hot for the whole step.
 #pragma once
 
 #include <pthread.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -63,6 +74,17 @@ class ElasticPool {
 
   void set_spin_us(int spin_us) { spin_us_.store(std::max(0, spin_us)); }
   int spin_us() const { return spin_us_.load(); }
+  void set_burst_spin_us(int spin_us) { burst_spin_us_.store(std::max(0, spin_us)); }
+  int burst_spin_us() const { return burst_spin_us_.load(); }
+
+  // Bursts nest (a count); the caller of a region need not be the one that opened the burst.
+  void begin_burst() { bursts_.fetch_add(1); }
+  void end_burst() { bursts_.fetch_sub(1); }
+  int bursts() const { return bursts_.load(); }
+  // Whether a thread of the pool was seen preempted within the last kContendedUs, and how often that happened.
+  bool contended() const { return now_us() < contended_until_us_.load(); }
+  bool is_hot() const { return hot(); }
+  int64_t preemptions() const { return preemptions_.load(); }
 
   // body(begin, end) over [0, n) in chunks of `chunk`; returns when every chunk has run, rethrowing the first
   // exception one threw. Called while another region runs (a second Python thread) or in a forked child, the
@@ -85,7 +107,7 @@ class ElasticPool {
     // seq_cst, against the helpers' sleepers_ (see wake_helpers)
     counter_.store(generation << kGenerationShift | static_cast<uint64_t>(chunks) << kChunksShift);
     wake_helpers();
-    work(generation);
+    work(generation, nullptr);
     wait_finished(chunks);
     std::exception_ptr error;
     std::swap(error, error_);  // every chunk has finished: no helper touches error_ now
@@ -105,19 +127,26 @@ class ElasticPool {
   static int64_t chunks_of(uint64_t word) { return static_cast<int64_t>(word >> kChunksShift & kFieldMask); }
   static int64_t next_of(uint64_t word) { return static_cast<int64_t>(word & kFieldMask); }
 
-  // Claims and runs chunks of the region `generation` until none are left (or a newer region began).
-  void work(uint64_t generation) {
+  // Claims and runs chunks of the region `generation` until none are left (or a newer region began). A helper
+  // passes its count of involuntary switches: a chunk that took over kPreemptedUs (~100x its usual time) is
+  // checked for a preemption.
+  void work(uint64_t generation, int64_t* switches) {
     uint64_t seen = counter_.load();
     while (generation_of(seen) == generation && next_of(seen) < chunks_of(seen)) {
       if (!counter_.compare_exchange_weak(seen, seen + 1)) continue;  // seen is reloaded
       // A claim in this generation: the caller is still waiting for it, so the region's fields (written before
       // the generation was published) cannot change until this chunk is counted finished.
       const int64_t chunk = chunk_.load(), chunks = chunks_of(seen), begin = next_of(seen) * chunk;
+      const int64_t started = switches ? now_us() : 0;
       try {
         (*body_.load())(begin, std::min(n_.load(), begin + chunk));
       } catch (...) {  // kept for the caller to rethrow: an exception must not end a helper (or the process)
         std::lock_guard<std::mutex> lock(error_mutex_);
         if (!error_) error_ = std::current_exception();
+      }
+      if (switches) {
+        const int64_t now = now_us();
+        if (now - started > kPreemptedUs) check_preempted(now, *switches);
       }
       if (finished_.fetch_add(1) + 1 == chunks && caller_waiting_.load()) {
         std::lock_guard<std::mutex> lock(done_mutex_);
@@ -128,7 +157,10 @@ class ElasticPool {
   }
 
   void wait_finished(int64_t chunks) {
-    if (spin_until([&] { return finished_.load() == chunks; })) return;
+    // Hot, the last claimed chunks are microseconds away, so the caller spins for them; one still unfinished
+    // after kPreemptedUs is held by a helper that was stopped mid-chunk, and the caller sleeps so that the
+    // helper may be moved onto its core.
+    if (spin_until([&] { return finished_.load() == chunks; }, hot() ? kPreemptedUs : spin_us_.load())) return;
     std::unique_lock<std::mutex> lock(done_mutex_);
     caller_waiting_.store(true);
     done_.wait(lock, [&] { return finished_.load() == chunks; });
@@ -137,18 +169,19 @@ class ElasticPool {
 
   void helper_loop(int index) {
     uint64_t seen_generation = 0;
+    int64_t switches = involuntary_switches();
     for (;;) {
       auto new_region = [&] {
         return generation_of(counter_.load()) != seen_generation && index < active_helpers_.load();
       };
-      if (!spin_until(new_region)) {
+      if (!spin_helper(new_region, switches)) {
         std::unique_lock<std::mutex> lock(wake_mutex_);
         sleepers_.fetch_add(1);
         wake_.wait(lock, new_region);
         sleepers_.fetch_sub(1);
       }
       seen_generation = generation_of(counter_.load());
-      work(seen_generation);
+      work(seen_generation, &switches);
     }
   }
 
@@ -158,15 +191,68 @@ class ElasticPool {
     wake_.notify_all();
   }
 
+  static int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+  // Called by a helper that saw the clock jump while it spun or worked: if this thread was switched out by the
+  // scheduler (its count of involuntary switches grew; a stall of the whole virtual CPU by the host does not
+  // count, nothing on this machine can help that), another thread wanted this core. A few such switches are the
+  // machine's own housekeeping (kernel threads that run ~1 ms now and then: a dozen in 6 s seen on the Xeon VM);
+  // kRepeats within kRepeatUs are a neighbour that wants the core all the time (a busy process: one every time
+  // slice, ~3 ms; a DAW's audio callback: one every few ms): contended for kContendedUs.
+  void check_preempted(int64_t now, int64_t& switches) {
+    const int64_t seen = involuntary_switches();
+    if (seen == switches) return;
+    switches = seen;
+    preemptions_.fetch_add(1);
+    std::lock_guard<std::mutex> lock(preemption_mutex_);
+    if (now - window_start_us_ > kRepeatUs) {
+      window_start_us_ = now;
+      window_count_ = 0;
+    }
+    if (++window_count_ >= kRepeats) contended_until_us_.store(now + kContendedUs);
+  }
+
+  static int64_t involuntary_switches() {
+#ifdef RUSAGE_THREAD
+    struct rusage usage;
+    if (getrusage(RUSAGE_THREAD, &usage) == 0) return usage.ru_nivcsw;
+#endif
+    return 0;
+  }
+
+  // In a burst, and no helper preempted lately: the next region (or the last claimed chunk) is microseconds away.
+  bool hot() const { return bursts_.load() > 0 && now_us() >= contended_until_us_.load(); }
+
   // Spins (with pause) until ready() or spin_us passes; whether ready() came true.
   template <class Ready>
-  bool spin_until(const Ready& ready) const {
+  bool spin_until(const Ready& ready, int spin_us) const {
     if (ready()) return true;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
     for (int i = 1;; ++i) {
       MUSICGEN_PAUSE();
       if (ready()) return true;
       if ((i & 63) == 0 && std::chrono::steady_clock::now() >= deadline) return false;
+    }
+  }
+
+  // A helper's spin: spin_us, or burst_spin_us while the pool is hot; the clock jumping while it spins may be
+  // a preemption (check_preempted). Whether ready() came true.
+  template <class Ready>
+  bool spin_helper(const Ready& ready, int64_t& switches) {
+    if (ready()) return true;
+    const int64_t start = now_us();
+    int64_t last = start;
+    for (int i = 1;; ++i) {
+      MUSICGEN_PAUSE();
+      if (ready()) return true;
+      if ((i & 63) != 0) continue;
+      const int64_t now = now_us();
+      if (now - last > kPreemptedUs) check_preempted(now, switches);
+      last = now;
+      if (now - start >= (hot() ? burst_spin_us_.load() : spin_us_.load())) return false;
     }
   }
 
@@ -179,6 +265,15 @@ class ElasticPool {
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
   std::atomic<int> spin_us_{20};  // threads.KERNEL_SPIN_US, set again at load
+  std::atomic<int> burst_spin_us_{1000};  // threads.KERNEL_BURST_SPIN_US, set again at load
+  std::atomic<int> bursts_{0};
+  // Past a gap this long between two looks at the clock, a spinning helper was preempted (a time slice is
+  // ~1-3 ms; timer interrupts and a hypervisor's own work are tens of us); contended for this long after.
+  static constexpr int64_t kPreemptedUs = 250, kRepeatUs = 100'000, kRepeats = 4, kContendedUs = 1'000'000;
+  std::atomic<int64_t> contended_until_us_{0};
+  std::mutex preemption_mutex_;
+  int64_t window_start_us_ = 0, window_count_ = 0;  // preemptions seen since window_start_us_
+  std::atomic<int64_t> preemptions_{0};
   std::atomic<bool> forked_{false};
   std::vector<std::thread> helpers_;
   std::mutex wake_mutex_, done_mutex_, error_mutex_;

@@ -1,6 +1,6 @@
-// Int4 weights (group-wise scales) x int8 activations for the decoder's few-row steps, AVX2 + FMA (every x86-64
-// CPU of this project, the AVX-512 ones included). Included by int8_gemv.cpp after its helpers (quantize_rows,
-// the 8-lane GELU), in the same translation unit.
+// Int4 weights (group-wise scales) x int8 activations for the decoder's few-row steps: AVX-512 VNNI, or AVX2 + FMA
+// (every x86-64 CPU of this project), whichever the build has, as the int8 kernel. Included by int8_gemv.cpp
+// after its helpers (quantize_rows, the GELUs), in the same translation unit.
 //
 // A step is bound by streaming the weights: 4 bits read half the bytes of int8. On AVX2 the u4 weights are the
 // unsigned operand of vpmaddubsw directly (no |w| / sign trick as in the int8 kernel), so a weight costs fewer
@@ -78,12 +78,72 @@ void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const u
 }
 #endif
 
-// "avx2", or "none" where this build cannot run int4 weights.
+#ifdef MUSICGEN_HAVE_VNNI
+// The same block with AVX-512 VNNI: 16 outputs per register, vpdpbusd on the nibbles (u8) and the activations
+// (s8) straight into int32, so no int16 stage. The int32 group sums are exact either way, and the float
+// operations per group are the AVX2 block's, lane for lane: the same bits.
+template <int M>
+void gemv4_block_vnni(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed,
+                      const float* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
+                      bool gelu) {
+  const int64_t groups = in_padded / group;
+  const uint8_t* block = packed + b * in_padded * 8;  // 16 outputs x in_padded / 2 bytes
+  const float* block_scales = scales + b * groups * 16;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[M][2];  // inputs i..i+3 (low nibbles) and i+4..i+7 (high): two chains
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+      const uint8_t* p = block + i * 8;  // 64 bytes per 8 inputs
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T1);  // as the int8 kernel
+      const __m512i v = _mm512_loadu_si512(p);
+      const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      for (int m = 0; m < M; ++m) {
+        int32_t first, second;
+        std::memcpy(&first, xq + m * in_padded + i, 4);
+        std::memcpy(&second, xq + m * in_padded + i + 4, 4);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, _mm512_set1_epi32(first));
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, _mm512_set1_epi32(second));
+      }
+    }
+    const __m512 scale = _mm512_loadu_ps(block_scales + g * 16);
+    for (int m = 0; m < M; ++m) {
+      const __m512i zero_point = _mm512_set1_epi32(8 * xsum[m * groups + g]);  // the weights are u - 8
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), zero_point));
+      total[m] = _mm512_add_ps(total[m], _mm512_mul_ps(dot, scale));
+    }
+  }
+  const int64_t valid = std::min<int64_t>(16, out - b * 16);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int m = 0; m < M; ++m) {
+    __m512 value = _mm512_mul_ps(total[m], _mm512_set1_ps(sx[m]));
+    if (gelu) value = gelu_ps(value);
+    _mm512_mask_storeu_ps(y + m * out + b * 16, mask, value);
+  }
+}
+#endif
+
+// The int4 kernel of this build: "avx512-vnni", "avx2", or "none" where it cannot run int4 weights.
 std::string int4_isa() {
-#ifdef MUSICGEN_HAVE_AVX2_OPS
+#if defined(MUSICGEN_HAVE_VNNI)
+  return "avx512-vnni";
+#elif defined(MUSICGEN_HAVE_AVX2_OPS)
   return "avx2";
 #else
   return "none";
+#endif
+}
+
+// Output block b for M rows with the best block this build has.
+template <int M>
+inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const float* scales,
+                  float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b, bool gelu) {
+#if defined(MUSICGEN_HAVE_VNNI)
+  gemv4_block_vnni<M>(xq, xsum, sx, packed, scales, y, in_padded, group, out, b, gelu);
+#elif defined(MUSICGEN_HAVE_AVX2_OPS)
+  gemv4_block<M>(xq, xsum, sx, packed, scales, y, in_padded, group, out, b, gelu);
 #endif
 }
 
@@ -136,13 +196,13 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
       int64_t m = 0;
       for (; m + 4 <= rows; m += 4)
         for (int64_t b = t0; b < t1; ++b)
-          gemv4_block<4>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+          gemv4<4>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
       for (; m + 2 <= rows; m += 2)
         for (int64_t b = t0; b < t1; ++b)
-          gemv4_block<2>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+          gemv4<2>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
       for (; m < rows; ++m)
         for (int64_t b = t0; b < t1; ++b)
-          gemv4_block<1>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+          gemv4<1>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
     }
   };
   if (g_use_openmp || (rows > 8 && at::get_num_threads() > 1))  // as in `linear`
