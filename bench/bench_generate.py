@@ -2,6 +2,13 @@
 
     python bench/bench_generate.py --model /tmp/mg-small --steps 40 --rounds 3 --threads 2
     python bench/bench_generate.py --model /tmp/mg-small --quantize int8 --sessions 1,2,4,8 --no-transformers
+    python bench/bench_generate.py --model /tmp/mg-small --paths float32,bfloat16,int8,int4 [--context 0]
+
+With --paths: per path the step, its floor and their ratio, alternating the paths block by block in one
+process. The floor is the time to read, once, every byte the step reads (the weights of every linear but the
+cross-attention keys/values, which are computed once per prompt, plus the KV cache at --context frames),
+with the kernel's `stream_read`: the elastic pool, the kernels' prefetching. transformers' `generate` (float32)
+is timed in the same loop unless --no-transformers.
 
 Per round it times our decoder steps and transformers' `generate` on the same prompt and number of steps,
 alternating. Reported: median ms per decoder step (CFG on, batch 1), real-time factor (20 ms per step at 50
@@ -20,6 +27,7 @@ import sys
 import threading
 import time
 
+import musicgen_core  # noqa: F401  (first: the libgomp policy is set before torch loads it)
 import torch
 
 from server.engine import call_in_fresh_thread as fresh
@@ -121,6 +129,75 @@ def engine_realtime(model, sessions: int, seconds: float = 10.0) -> float:
     return seconds / wall
 
 
+PATHS = {"float32": {}, "bfloat16": {"dtype": torch.bfloat16}, "int8": {"quantize": "int8"},
+         "int4": {"quantize": "int4"}, "int4-g32": {"quantize": "int4-g32"}, "int4-g128": {"quantize": "int4-g128"},
+         "int8-fbgemm": {"quantize": "int8-fbgemm"}}
+
+
+def bytes_read_per_step(model, context: int) -> list[torch.Tensor]:
+    """What a one-column step reads: every linear's weights (packed weights and scales when quantized) but the
+    cross-attention key/value projections (run once per prompt), and a buffer the size of the self-attention
+    cache at `context` frames (contiguous, as stream_read needs)."""
+    read = []
+    for name, module in model.decoder.named_modules():
+        if name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")):
+            continue
+        if hasattr(module, "packed"):  # our int8 / int4 layers
+            read += [t for t in (module.packed, module.scale, module.rowsum) if t.numel()]
+        elif isinstance(module, torch.nn.Linear):
+            read.append(module.weight)
+    if context:
+        per_frame = model.decoder.allocate_cache(rows=2, capacity=1).nbytes
+        read.append(torch.empty(context * per_frame, dtype=torch.uint8).random_())
+    return [t.contiguous() for t in read]
+
+
+def floor_table(args) -> None:
+    """--paths: each path's step (median over blocks of --steps), its floor and their ratio; the paths and the
+    floors alternate block by block."""
+    from musicgen_core.cpu import cpu_flags
+    from musicgen_core.int8_kernel import load_int8_kernel
+    from musicgen_core import MusicGen
+
+    kernel = load_int8_kernel()
+    if kernel is None:
+        raise SystemExit("the floor is read with the kernel's stream_read, which is unavailable here")
+    names = args.paths.split(",")
+    unknown = [name for name in names if name not in PATHS]
+    if unknown:
+        raise SystemExit(f"unknown path(s) {unknown}; choose from {sorted(PATHS)}")
+    models = {name: fresh(lambda name=name: MusicGen.from_pretrained(args.model, **PATHS[name])) for name in names}
+    reads = {name: bytes_read_per_step(model, args.context) for name, model in models.items()}
+    theirs = None if args.no_transformers else fresh(load_transformers, args)
+    steps = {name: [] for name in names}
+    floors = {name: [] for name in names}
+    transformers_ms = []
+
+    def floor_ms(tensors) -> float:
+        started = time.perf_counter()
+        kernel.stream_read(tensors)
+        return 1000 * (time.perf_counter() - started)
+
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            times = fresh(our_step_times, model, args.steps, context_frames=args.context)
+            steps[name].append(1000 * statistics.median(times))
+            floors[name].append(statistics.median(fresh(lambda t=reads[name]: [floor_ms(t) for _ in range(5)])))
+        if theirs is not None:
+            transformers_ms.append(1000 * statistics.median(fresh(transformers_step_times, *theirs, args.steps)))
+    flags = cpu_flags()
+    isa = "avx512-vnni" if "avx512_vnni" in flags else "avx2" if "avx2" in flags else "none"
+    print(f"{args.model}, context {args.context} frames, {args.threads} threads, kernel {isa}, "
+          f"{args.rounds} rounds of {args.steps} steps (medians)")
+    print(f"{'path':12s} {'MB read':>8s} {'step ms':>8s} {'floor ms':>8s} {'ratio':>6s}")
+    for name in names:
+        megabytes = sum(t.numel() * t.element_size() for t in reads[name]) / 1e6
+        step, floor = statistics.median(steps[name]), statistics.median(floors[name])
+        print(f"{name:12s} {megabytes:8.0f} {step:8.1f} {floor:8.1f} {step / floor:6.2f}")
+    if transformers_ms:
+        print(f"{'transformers generate, float32':30s} {statistics.median(transformers_ms):8.1f} ms per step")
+
+
 def peak_rss_mib(args, side: str) -> tuple[float, float]:
     """Peak and final RSS (MiB) of a fresh process that loads one side and runs a few steps. Both count the
     checkpoint's memory-mapped pages that the process has touched (clean, reclaimable file pages)."""
@@ -150,7 +227,10 @@ def parse(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--quantize", choices=["int8", "int8-fbgemm"], default=None)
+    parser.add_argument("--quantize", choices=["int8", "int8-fbgemm", "int4", "int4-g32", "int4-g128"], default=None)
+    parser.add_argument("--paths", default="",
+                        help=f"comma-separated paths for the step / floor table instead: {', '.join(PATHS)}")
+    parser.add_argument("--context", type=int, default=0, help="--paths: frames of context in the KV cache")
     parser.add_argument("--kv-dtype", choices=sorted(DTYPES), default=None,
                         help="self-attention cache dtype (default: the weights';"
                              " bfloat16 with --quantize on a bf16 CPU)")
@@ -168,6 +248,9 @@ def parse(argv=None):
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
+    if args.paths:
+        floor_table(args)
+        return
     # Every measurement runs on a thread that ends (call_in_fresh_thread): an OpenMP pool left on this thread
     # would slow the engine's own thread, as in a server that loaded its model on a living thread.
     ours = fresh(load_ours, args)

@@ -180,6 +180,7 @@ class MusicgenDecoder(nn.Module):
         # attend_one instead of scaled_dot_product_attention: query by query, so a prefill in chunks, in one go
         # or column by column gives the same bits (quantize.build_layer_steps).
         self.one_query_attention = None
+        self.layer_norm_op = None  # with our kernel's layers: its layer norm, the C++ step's arithmetic
         self.kernel_rows: frozenset[int] = frozenset()  # row counts whose linears take linear_f32 (use_linear_forms)
 
     def use_transposed_rows(self, rows: frozenset[int]) -> None:
@@ -346,24 +347,25 @@ class MusicgenDecoder(nn.Module):
 
     def _fused_layers(self, x: torch.Tensor, bounds: list[int], caches: list[KVCache],
                       crosses: list[CrossAttentionKV]) -> torch.Tensor:
-        """Every layer of a one-column step through the int8 kernel's C++ layer (`layer_steps`): the same
-        operations as `_layer`, bit for bit, without Python between them."""
+        """Every layer of a one-column step in one call to the kernel's C++ `DecoderStack` (`layer_steps`): the
+        same arithmetic as `_layer`, bit for bit, without Python or ATen between the linears."""
         for cache in caches:
             if cache.length + 1 > cache.capacity:
                 raise ValueError(f"KV cache full: {cache.length + 1} positions > capacity {cache.capacity}")
-        lengths = [cache.length for cache in caches]
-        masks = [kv.mask for kv in crosses]
-        for index, layer_step in enumerate(self.layer_steps):
-            x = layer_step.step(x, bounds, [c.keys[index] for c in caches], [c.values[index] for c in caches],
-                                lengths, [kv.keys[index] for kv in crosses], [kv.values[index] for kv in crosses],
-                                masks)
-        return x
+        return self.layer_steps.step(x, bounds, [c.keys for c in caches], [c.values for c in caches],
+                                     [c.length for c in caches], [kv.keys for kv in crosses],
+                                     [kv.values for kv in crosses], [kv.mask for kv in crosses])
+
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm_op is not None:
+            return self.layer_norm_op(x, norm.weight, norm.bias, norm.eps)
+        return norm(x)
 
     def _layer(self, layer: DecoderLayer, index: int, x: torch.Tensor, bounds: list[int],
                caches: list[KVCache], crosses: list[CrossAttentionKV], time: int,
                lengths: torch.Tensor | None = None) -> torch.Tensor:
         attn = layer.self_attn
-        h = layer.self_attn_layer_norm(x)
+        h = self._norm(layer.self_attn_layer_norm, x)
         q, k, v = attn.project_qkv(h)
         outputs = []
         for i, cache in enumerate(caches):
@@ -387,14 +389,14 @@ class MusicgenDecoder(nn.Module):
         x = x + self._merge(attn, _join(outputs).to(x.dtype))
 
         cross = layer.encoder_attn
-        h = layer.encoder_attn_layer_norm(x)
+        h = self._norm(layer.encoder_attn_layer_norm, x)
         q = cross.split_heads(cross.q_proj(h))
         attend = self.one_query_attention or _sdpa
         outputs = [attend(q[bounds[i]: bounds[i + 1]], kv.keys[index], kv.values[index], kv.mask)
                    for i, kv in enumerate(crosses)]
         x = x + self._merge(cross, _join(outputs))
 
-        h = layer.final_layer_norm(x)
+        h = self._norm(layer.final_layer_norm, x)
         hidden = layer.fc1(h)
         if not getattr(layer.fc1, "applies_gelu", False):  # int8 kernel layers may apply it themselves
             hidden = F.gelu(hidden)

@@ -73,10 +73,17 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
 
 
 def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
-    """Give the decoder one C++ `DecoderLayerStep` per layer for one-column steps (decoder._fused_layers). They
-    hold the layers' current tensors and flags: call again after changing a layer (or set
-    `decoder.layer_steps = None` to step through Python). Attention, in both and in a prefill, is the
-    kernel's attend_one (`decoder.one_query_attention`)."""
+    """Give the decoder the kernel's C++ `DecoderStack` for one-column steps (decoder._fused_layers), and the
+    kernel's attention and layer norm for its Python layers, so that a prefill and a step compute alike. The
+    stack holds the layers' current tensors and flags: call again after changing a layer (or set
+    `decoder.layer_steps = None` to step through Python). A head_dim the kernel's attention does not vectorize
+    (not a multiple of 8, or over 128) keeps the Python layers."""
+    decoder.one_query_attention = kernel.attend_one
+    decoder.layer_norm_op = kernel.layer_norm
+    head_dim = decoder.config.head_dim
+    if head_dim % 8 or head_dim > 128:
+        decoder.layer_steps = None
+        return
     steps = []
     for layer in decoder.layers:
         norms = [layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm]
@@ -89,8 +96,7 @@ def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
             [linear.applies_gelu for linear in linears],
             [getattr(linear, "group", 0) for linear in linears],  # 0: int8 weights
             decoder.config.num_attention_heads))
-    decoder.layer_steps = steps
-    decoder.one_query_attention = kernel.attend_one
+    decoder.layer_steps = kernel.DecoderStack(steps)
 
 
 def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -1,11 +1,11 @@
-// Attention for one query per (row, head): a decode step's self- and cross-attention, AVX2 + FMA.
+// Attention for one query per (row, head): a decode step's self- and cross-attention, AVX2 + FMA, or AVX-512.
 //
 // torch's CPU flash attention is built for blocks of queries; with one query it read the KV cache at ~5 GB/s
 // per thread inside a musicgen-small step (600 frames of context: ~26 ms of CPU per step for 118 MB) and cost
 // 20-90 us per call even over a few keys. This streams each key and value row once, at memory speed.
 //
 // Arithmetic, for each (row, head) on its own (so any split of rows and heads gives the same bits):
-//   s[j] = dot(q, k[j]) * scale + mask[j]     (dot: 8 lanes of FMA over head_dim, then a fixed pairwise sum)
+//   s[j] = dot(q, k[j]) * scale + mask[j]     (dot: 8 or 16 lanes of FMA over head_dim, then a fixed pairwise sum)
 //   p[j] = exp(s[j] - max s)                  (exp_ps below, ~1 ulp)
 //   out  = (sum_j p[j] v[j]) * (1 / sum_j p[j])
 // scale = 1 / sqrt(head_dim). Keys and values are float32 or bfloat16 (widened exactly); the output is float32.
@@ -62,64 +62,151 @@ inline float sum8(__m256 v) {  // ((0+4) + (2+6)) + ((1+5) + (3+7)): a fixed ord
   return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
 }
 
-// One (row, head): q (d), keys/values (length rows of d, `stride` apart), mask (length or null), out (d).
-template <typename T>
-void attend_one_head(const T* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
-                     int64_t d, float scale, float* out, std::vector<float>& scores) {
+// The vector operations of one width: Lanes8 (AVX2) and Lanes16 (AVX-512, where the build has it), so that one
+// body below serves both.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int n = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) { return load8(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V exp(V x) { return exp_ps(x); }
+  static float sum(V v) { return sum8(v); }
+};
+
+#ifdef MUSICGEN_HAVE_VNNI
+// exp_ps above on 16 lanes, op for op.
+inline __m512 exp_ps16(__m512 x) {
+  const __mmask16 too_small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~too_small), p, _mm512_castsi512_ps(exponent));
+}
+
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int n = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V exp(V x) { return exp_ps16(x); }
+  static float sum(V v) {  // the two halves added, then sum8's order
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));  // AVX-512F only
+    return sum8(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+  }
+};
+#endif
+
+// One (row, head) in lanes of L: q (d), keys/values (length rows of d, `stride` apart), mask (length or null),
+// out (d); d a multiple of L::n, at most 128.
+template <class L, typename T>
+void attend_head(const T* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
+                 int64_t d, float scale, float* out, std::vector<float>& scores) {
+  using V = typename L::V;
+  const int64_t vectors = d / L::n;
   scores.resize(length);
-  __m256 qv[16];  // head_dim <= 128
-  for (int64_t c = 0; c < d / 8; ++c) qv[c] = load8(q + 8 * c);
+  V qv[128 / L::n];
+  for (int64_t c = 0; c < vectors; ++c) qv[c] = L::load(q + L::n * c);
   float peak = -std::numeric_limits<float>::infinity();
-  auto finish = [&](int64_t j, __m256 acc) {
-    float s = sum8(acc) * scale;
+  auto finish = [&](int64_t j, V acc) {
+    float s = L::sum(acc) * scale;
     if (mask) s += mask[j];
     scores[j] = s;
     peak = std::max(peak, s);
   };
+  // Keys and values stream from memory (a step reads the whole cache once): fetch ~2 KB ahead into L2, every
+  // line of the next keys (the hardware prefetcher retrains at each 4 KB page and each (row, head) is a new
+  // stream), and the first values while the keys are read. At 600 frames of context an int4 step on the Xeon
+  // took 19.9 ms with this against 23.6 without.
+  const int64_t row_bytes = stride * static_cast<int64_t>(sizeof(T)), ahead = std::max<int64_t>(1, 2048 / row_bytes);
+  auto prefetch_row = [&](const T* row) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  };
+  for (int64_t j = 0; j < std::min(length, ahead); ++j) prefetch_row(values + j * stride);
   int64_t j0 = 0;
   for (; j0 + 4 <= length; j0 += 4) {  // four keys at once: four FMA chains in flight instead of one
     const T* k = keys + j0 * stride;
-    __m256 a0 = _mm256_mul_ps(qv[0], load8(k)), a1 = _mm256_mul_ps(qv[0], load8(k + stride));
-    __m256 a2 = _mm256_mul_ps(qv[0], load8(k + 2 * stride)), a3 = _mm256_mul_ps(qv[0], load8(k + 3 * stride));
-    for (int64_t c = 1; c < d / 8; ++c) {
-      a0 = _mm256_fmadd_ps(qv[c], load8(k + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(qv[c], load8(k + stride + 8 * c), a1);
-      a2 = _mm256_fmadd_ps(qv[c], load8(k + 2 * stride + 8 * c), a2);
-      a3 = _mm256_fmadd_ps(qv[c], load8(k + 3 * stride + 8 * c), a3);
+    for (int64_t j = j0 + ahead; j < std::min(length, j0 + ahead + 4); ++j) prefetch_row(keys + j * stride);
+    V a0 = L::mul(qv[0], L::load(k)), a1 = L::mul(qv[0], L::load(k + stride));
+    V a2 = L::mul(qv[0], L::load(k + 2 * stride)), a3 = L::mul(qv[0], L::load(k + 3 * stride));
+    for (int64_t c = 1; c < vectors; ++c) {
+      a0 = L::fmadd(qv[c], L::load(k + L::n * c), a0);
+      a1 = L::fmadd(qv[c], L::load(k + stride + L::n * c), a1);
+      a2 = L::fmadd(qv[c], L::load(k + 2 * stride + L::n * c), a2);
+      a3 = L::fmadd(qv[c], L::load(k + 3 * stride + L::n * c), a3);
     }
     finish(j0, a0), finish(j0 + 1, a1), finish(j0 + 2, a2), finish(j0 + 3, a3);
   }
   for (; j0 < length; ++j0) {  // the same chain per key as above, one key at a time
     const T* k = keys + j0 * stride;
-    __m256 acc = _mm256_mul_ps(qv[0], load8(k));
-    for (int64_t c = 1; c < d / 8; ++c) acc = _mm256_fmadd_ps(qv[c], load8(k + 8 * c), acc);
+    V acc = L::mul(qv[0], L::load(k));
+    for (int64_t c = 1; c < vectors; ++c) acc = L::fmadd(qv[c], L::load(k + L::n * c), acc);
     finish(j0, acc);
   }
-  __m256 total = _mm256_setzero_ps();
-  const __m256 peaks = _mm256_set1_ps(peak);
+  V total = L::zero();
+  const V peaks = L::set1(peak);
   int64_t j = 0;
-  for (; j + 8 <= length; j += 8) {
-    const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), peaks));
-    _mm256_storeu_ps(scores.data() + j, p);
-    total = _mm256_add_ps(total, p);
+  for (; j + L::n <= length; j += L::n) {
+    const V p = L::exp(L::sub(L::load(scores.data() + j), peaks));
+    L::store(scores.data() + j, p);
+    total = L::add(total, p);
   }
   if (j < length) {  // the tail through the same vector exp, padded with -inf (weight 0)
-    alignas(32) float tail[8];
-    for (int64_t t = 0; t < 8; ++t) tail[t] = j + t < length ? scores[j + t] - peak : -std::numeric_limits<float>::infinity();
-    const __m256 p = exp_ps(_mm256_load_ps(tail));
-    _mm256_store_ps(tail, p);
+    float tail[L::n];
+    for (int64_t t = 0; t < L::n; ++t) tail[t] = j + t < length ? scores[j + t] - peak : -std::numeric_limits<float>::infinity();
+    const V p = L::exp(L::load(tail));
+    L::store(tail, p);
     for (int64_t t = 0; j + t < length; ++t) scores[j + t] = tail[t];
-    total = _mm256_add_ps(total, p);
+    total = L::add(total, p);
   }
-  const float inverse = 1.f / sum8(total);
-  __m256 acc[16];
-  for (int64_t c = 0; c < d / 8; ++c) acc[c] = _mm256_setzero_ps();
+  const float inverse = 1.f / L::sum(total);
+  V acc[128 / L::n];
+  for (int64_t c = 0; c < vectors; ++c) acc[c] = L::zero();
   for (int64_t i = 0; i < length; ++i) {
-    const __m256 p = _mm256_set1_ps(scores[i]);
+    if (i + ahead < length) prefetch_row(values + (i + ahead) * stride);
+    const V p = L::set1(scores[i]);
     const T* v = values + i * stride;
-    for (int64_t c = 0; c < d / 8; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v + 8 * c), acc[c]);
+    for (int64_t c = 0; c < vectors; ++c) acc[c] = L::fmadd(p, L::load(v + L::n * c), acc[c]);
   }
-  for (int64_t c = 0; c < d / 8; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inverse)));
+  for (int64_t c = 0; c < vectors; ++c) L::store(out + L::n * c, L::mul(acc[c], L::set1(inverse)));
+}
+
+// One (row, head), in 16 lanes where the build has AVX-512 and d allows, else 8: q (d), keys/values (length
+// rows of d, `stride` apart), mask (length or null), out (d). d a multiple of 8, at most 128.
+template <typename T>
+void attend_one_head(const T* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
+                     int64_t d, float scale, float* out, std::vector<float>& scores) {
+#ifdef MUSICGEN_HAVE_VNNI
+  if (d % 16 == 0) return attend_head<Lanes16>(q, keys, values, stride, mask, length, d, scale, out, scores);
+#endif
+  attend_head<Lanes8>(q, keys, values, stride, mask, length, d, scale, out, scores);
 }
 #endif
 

@@ -1,14 +1,23 @@
-// One decoder layer for one new column per sequence, in C++ over the int8 kernel's `linear` (int8_gemv.cpp,
-// the one translation unit that includes this header and binds both to Python).
+// The decoder's one-column step in C++ (a decode step: one new column per sequence), over the int8 / int4
+// kernels' linears (int8_gemv.cpp, the one translation unit that includes this header and binds it to Python).
+//
+// Between the linears a layer does little arithmetic (three layer norms, two attentions over one query, three
+// residual adds), and done as ATen operations that glue cost ~200 us a layer on the 2-core Xeon (dispatch,
+// allocation, strided copies): ~5 ms of a 15 ms int4 step with the pool's helper idle. Here it is plain loops
+// over raw memory, and the 24 layers run in one call.
+//
+// Bit-identity with the Python layers (MusicgenDecoder._layer, which a prefill runs) holds because both use the
+// same arithmetic: the kernel's `layer_norm` (the Python layers of a quantized decoder call it too), the same
+// linears, `attend_one_head` per (row, head) with the query rounded to the cache's dtype, float adds, and
+// conversions to the cache's dtype by c10's round-to-nearest-even.
 #pragma once
 
-#include <omp.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
+#include <cstring>
 #include <vector>
 
-#include "attention_one.h"  // the step's attention: one query per (row, head)
+#include "attention_one.h"  // attend_one_head: one query per (row, head)
 #include "elastic_pool.h"
 
 namespace {
@@ -29,9 +38,51 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t in_features, int64_t out,
                       int64_t group, bool gelu);
 
-// One decoder layer for one new column per sequence (a decode step), int8 or int4 linears: the same ATen
-// operations in the same order as MusicgenDecoder._layer in Python, so the result is bit-identical, without
-// ~40 trips through Python per layer (about 3 ms of a musicgen-small step).
+// Layer norm of `rows` rows of `width` floats: mean and variance each summed in eight interleaved partial sums
+// combined in a fixed order, then (x - mean) * (1 / sqrt(var + eps)) * w + b. Within float rounding of torch's
+// layer_norm, and the same bits wherever it runs.
+void layer_norm_rows(const float* x, int64_t rows, int64_t width, const float* w, const float* b, float eps,
+                     float* out) {
+  auto total = [width](const float* v, float shift, bool square) {
+    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+      for (int k = 0; k < 8; ++k) {
+        const float d = v[i + k] - shift;
+        part[k] += square ? d * d : d;
+      }
+    for (int k = 0; i < width; ++i, ++k) {
+      const float d = v[i] - shift;
+      part[k] += square ? d * d : d;
+    }
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * width;
+    const float mean = total(row, 0.f, false) / static_cast<float>(width);
+    const float variance = total(row, mean, true) / static_cast<float>(width);
+    const float inverse = 1.f / std::sqrt(variance + eps);
+    float* y = out + r * width;
+    for (int64_t i = 0; i < width; ++i) y[i] = (row[i] - mean) * inverse * w[i] + b[i];
+  }
+}
+
+// x (..., width) -> the same shape: kernel.layer_norm for the Python layers of a quantized decoder.
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 &&
+              bias.scalar_type() == torch::kFloat32 && weight.numel() == x.size(-1) && bias.numel() == x.size(-1),
+              "layer_norm: float32 x (..., width), weight and bias (width)");
+  const auto flat = x.contiguous();
+  const auto w = weight.contiguous(), b = bias.contiguous();
+  auto out = at::empty_like(flat);
+  const int64_t width = x.size(-1);
+  layer_norm_rows(flat.data_ptr<float>(), width ? flat.numel() / width : 0, width, w.data_ptr<float>(),
+                  b.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<float>());
+  return out;
+}
+
+// One decoder layer's weights and its one-column step over raw memory. Int8 or int4 linears; attention in the
+// kernel's attend_one_head (head_dim a multiple of 8, at most 128: quantize.build_layer_steps checks).
 class DecoderLayerStep {
  public:
   // norms: (weight, bias) of the self-attention, cross-attention and final layer norms; linears: (packed,
@@ -44,124 +95,144 @@ class DecoderLayerStep {
         outs_(std::move(outs)), gelus_(std::move(gelus)), groups_(std::move(groups)), heads_(heads) {
     TORCH_CHECK(norms_.size() == 6 && eps_.size() == 3 && linears_.size() == 18 && ins_.size() == 6 &&
                 outs_.size() == 6 && gelus_.size() == 6 && groups_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
+    for (auto& norm : norms_) norm = norm.contiguous();
+    const int64_t width = ins_[0];
+    TORCH_CHECK(heads_ > 0 && width % heads_ == 0 && (width / heads_) % 8 == 0 && width / heads_ <= 128,
+                "DecoderLayerStep: head_dim must be a multiple of 8 and at most 128");
   }
 
-  // x (rows, 1, width); bounds: row offsets of the sequences (size sequences + 1); per sequence: this layer's
-  // cache keys/values (rows_i, heads, capacity, head_dim) with `lengths[i]` positions filled (the new column
-  // goes there), and the cross-attention keys/values (rows_i, heads, text, head_dim) with its additive mask.
-  torch::Tensor step(torch::Tensor x, std::vector<int64_t> bounds, std::vector<torch::Tensor> keys,
-                     std::vector<torch::Tensor> values, std::vector<int64_t> lengths,
-                     std::vector<torch::Tensor> cross_keys, std::vector<torch::Tensor> cross_values,
-                     std::vector<torch::Tensor> cross_masks) const {
+  // One sequence's state as this layer sees it: its self-attention cache (rows, heads, capacity, head_dim) of
+  // this layer with `length` positions filled before the step, and its cross-attention keys / values (rows,
+  // heads, text, head_dim) with an additive mask (rows, 1 or heads, 1, text).
+  struct Sequence {
+    int64_t row0, rows, length, capacity;
+    void* keys;
+    void* values;
+    bool bf16_cache;
+    const float* cross_keys;
+    const float* cross_values;
+    int64_t text;
+    const float* mask;
+    int64_t mask_heads;
+  };
+
+  // x (rows, 1, width) float32 -> the layer's output, the same shape; writes the new column into each cache.
+  torch::Tensor step(const torch::Tensor& x, const std::vector<Sequence>& sequences) const {
     const int64_t rows = x.size(0), width = x.size(2), head_dim = width / heads_;
-    const size_t sequences = keys.size();
-    auto split_heads = [&](const torch::Tensor& t) { return t.view({t.size(0), 1, heads_, head_dim}).transpose(1, 2); };
-    auto merge = [&](const std::vector<torch::Tensor>& parts) {
-      auto heads = parts.size() == 1 ? parts[0] : at::cat(parts);
-      return heads.to(x.scalar_type()).transpose(1, 2).reshape({rows, 1, width});
-    };
+    auto h = at::empty_like(x);
+    norm(x, 0, h);
+    const auto qkv = apply(0, h);  // (rows, 1, 3 width): q | k | v
+    const float* qkv_data = qkv.data_ptr<float>();
+    for (const auto& s : sequences)
+      for (int64_t r = 0; r < s.rows; ++r)
+        for (int64_t head = 0; head < heads_; ++head) {
+          const int64_t at = ((r * heads_ + head) * s.capacity + s.length) * head_dim;
+          const float* row = qkv_data + (s.row0 + r) * 3 * width + head * head_dim;
+          if (s.bf16_cache) {
+            to_cache(row + width, static_cast<at::BFloat16*>(s.keys) + at, head_dim);
+            to_cache(row + 2 * width, static_cast<at::BFloat16*>(s.values) + at, head_dim);
+          } else {
+            to_cache(row + width, static_cast<float*>(s.keys) + at, head_dim);
+            to_cache(row + 2 * width, static_cast<float*>(s.values) + at, head_dim);
+          }
+        }
+    auto attended = at::empty_like(x);
+    attend(sequences, qkv_data, 3 * width, attended.data_ptr<float>(), width, head_dim, false);
+    auto x1 = add(x, apply(1, attended));
 
-    auto h = at::layer_norm(x, {width}, norms_[0], norms_[1], eps_[0]);
-    auto qkv = apply(0, h).chunk(3, -1);
-    auto q = split_heads(qkv[0]), k = split_heads(qkv[1]), v = split_heads(qkv[2]);
-    std::vector<Attention> self_attention;
-    for (size_t i = 0; i < sequences; ++i) {
-      const int64_t r0 = bounds[i], r1 = bounds[i + 1], end = lengths[i] + 1;
-      keys[i].slice(2, lengths[i], end).copy_(k.slice(0, r0, r1));
-      values[i].slice(2, lengths[i], end).copy_(v.slice(0, r0, r1));
-      self_attention.push_back({q.slice(0, r0, r1).to(keys[i].scalar_type()), keys[i].slice(2, 0, end),
-                                values[i].slice(2, 0, end), c10::nullopt});
-    }
-    x = x + apply(1, merge(attend(self_attention)));
+    norm(x1, 1, h);
+    const auto q = apply(2, h);
+    attend(sequences, q.data_ptr<float>(), width, attended.data_ptr<float>(), width, head_dim, true);
+    auto x2 = add(x1, apply(3, attended));
 
-    h = at::layer_norm(x, {width}, norms_[2], norms_[3], eps_[1]);
-    q = split_heads(apply(2, h));
-    std::vector<Attention> cross_attention;
-    for (size_t i = 0; i < sequences; ++i)
-      cross_attention.push_back({q.slice(0, bounds[i], bounds[i + 1]), cross_keys[i], cross_values[i],
-                                 cross_masks[i]});
-    x = x + apply(3, merge(attend(cross_attention)));
-
-    h = at::layer_norm(x, {width}, norms_[4], norms_[5], eps_[2]);
+    norm(x2, 2, h);
     auto hidden = apply(4, h);
     if (!gelus_[4]) hidden = at::gelu(hidden);
-    return x + apply(5, hidden);
+    return add(x2, apply(5, hidden));
   }
 
  private:
-  struct Attention {
-    torch::Tensor query, keys, values;
-    c10::optional<torch::Tensor> mask;
-  };
+  void norm(const torch::Tensor& x, int index, torch::Tensor& out) const {
+    layer_norm_rows(x.data_ptr<float>(), x.size(0), x.size(2), norms_[2 * index].data_ptr<float>(),
+                    norms_[2 * index + 1].data_ptr<float>(), static_cast<float>(eps_[index]), out.data_ptr<float>());
+  }
 
-  // torch's threads at 1 on this thread for one chunk of attention, restored after (a per-thread OpenMP
-  // setting; torch's first parallel call on a thread sets it from the global count, so that call is made
-  // first). The stepping thread itself is already at 1: the decoder runs pooled steps under
-  // threads.pooled_step.
-  struct TorchSingleThreaded {
-    int saved = (at::get_num_threads(), omp_get_max_threads());
-    TorchSingleThreaded() { omp_set_num_threads(1); }
-    ~TorchSingleThreaded() { omp_set_num_threads(saved); }
-  };
+  static torch::Tensor add(const torch::Tensor& a, const torch::Tensor& b) {
+    auto out = at::empty_like(a);
+    const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    for (int64_t i = 0, n = a.numel(); i < n; ++i) po[i] = pa[i] + pb[i];
+    return out;
+  }
 
-  // Each sequence's attention, cut into units the pool's threads share where it reads enough of the KV cache
-  // to be worth it (a region costs a few us, more than a short attention): by rows (guidance gives two), then
-  // by groups of heads. Every (row, head) is computed on its own by attend_one, so a slice gives the same values
-  // as the whole call.
-  std::vector<torch::Tensor> attend(const std::vector<Attention>& parts) const {
+  static void to_cache(const float* from, float* to, int64_t n) { std::memcpy(to, from, n * sizeof(float)); }
+  static void to_cache(const float* from, at::BFloat16* to, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) to[i] = at::BFloat16(from[i]);  // round to nearest even, as torch's .to()
+  }
+
+  // Attention of every sequence's rows: self-attention (queries in `queries`, `query_stride` floats a row,
+  // against the cache including the new column) or cross-attention (against the conditioning, masked). Out:
+  // (rows, width), head after head, as the Python layers' transpose-and-reshape lays it out. Cut into units of
+  // (rows, heads) that the pool shares where a sequence reads enough bytes.
+  void attend(const std::vector<Sequence>& sequences, const float* queries, int64_t query_stride, float* out,
+              int64_t width, int64_t head_dim, bool cross) const {
     struct Unit {
-      size_t part;
+      const Sequence* sequence;
       int64_t r0, r1, h0, h1;
     };
     std::vector<Unit> units;
-    std::vector<torch::Tensor> outputs;
     // A contended pool (a neighbour on a helper's core) cuts coarser: a unit a preempted helper holds makes the
     // caller wait, and the waits are fewer with fewer units.
     const int64_t unit_bytes = musicgen::ElasticPool::instance().is_hot() ? g_attention_chunk_bytes
                                                                           : 8 * g_attention_chunk_bytes;
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const auto& keys = parts[i].keys;
-      const int64_t rows = keys.size(0);
-      const int64_t bytes = 2 * rows * heads_ * keys.size(2) * keys.size(3) * keys.element_size();
-      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, rows * heads_);
-      if (chunks == 1) {
-        units.push_back({i, 0, rows, 0, heads_});
-        outputs.emplace_back();  // the whole call's output, made where it runs
-        continue;
-      }
-      const int64_t row_step = chunks >= rows ? 1 : rows;  // rows first, then heads within a row
-      const int64_t head_groups = std::max<int64_t>(1, chunks / (rows / row_step));
+    for (const auto& s : sequences) {
+      const int64_t keys = cross ? s.text : s.length + 1;
+      const int64_t element = cross ? 4 : (s.bf16_cache ? 2 : 4);
+      const int64_t bytes = 2 * s.rows * heads_ * keys * head_dim * element;
+      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, s.rows * heads_);
+      const int64_t row_step = chunks >= s.rows ? 1 : s.rows;  // rows first, then heads within a row
+      const int64_t head_groups = std::max<int64_t>(1, chunks / (s.rows / row_step));
       const int64_t per_group = (heads_ + head_groups - 1) / head_groups;
-      for (int64_t r = 0; r < rows; r += row_step)
+      for (int64_t r = 0; r < s.rows; r += row_step)
         for (int64_t h0 = 0; h0 < heads_; h0 += per_group)
-          units.push_back({i, r, std::min(rows, r + row_step), h0, std::min(heads_, h0 + per_group)});
-      outputs.push_back(at::empty({rows, heads_, 1, parts[i].values.size(3)}, parts[i].query.options().dtype(torch::kFloat32)));
+          units.push_back({&s, r, std::min(s.rows, r + row_step), h0, std::min(heads_, h0 + per_group)});
     }
+    const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
     auto run_unit = [&](const Unit& unit) {
-      const auto& part = parts[unit.part];
-      auto cut = [&](const torch::Tensor& t) { return t.slice(0, unit.r0, unit.r1).slice(1, unit.h0, unit.h1); };
-      c10::optional<torch::Tensor> mask;
-      if (part.mask) {  // (rows, 1 or heads, 1, keys)
-        mask = part.mask->slice(0, unit.r0, unit.r1);
-        if (mask->size(1) != 1) mask = mask->slice(1, unit.h0, unit.h1);
-      }
-      auto result = attend_one(cut(part.query), cut(part.keys), cut(part.values), mask, -1);
-      if (outputs[unit.part].defined())  // made beforehand only for a part that was cut
-        cut(outputs[unit.part]).copy_(result);
-      else
-        outputs[unit.part] = result;
+      thread_local std::vector<float> scores;
+      const Sequence& s = *unit.sequence;
+      for (int64_t r = unit.r0; r < unit.r1; ++r)
+        for (int64_t head = unit.h0; head < unit.h1; ++head) {
+          const float* q = queries + (s.row0 + r) * query_stride + head * head_dim;
+          float* o = out + (s.row0 + r) * width + head * head_dim;
+          if (cross) {
+            const int64_t base = (r * heads_ + head) * s.text * head_dim;
+            const float* mask = s.mask ? s.mask + (r * s.mask_heads + (s.mask_heads == 1 ? 0 : head)) * s.text : nullptr;
+            attend_one_head<float>(q, s.cross_keys + base, s.cross_values + base, head_dim, mask, s.text, head_dim,
+                                   scale, o, scores);
+            continue;
+          }
+          const int64_t base = (r * heads_ + head) * s.capacity * head_dim;
+          if (s.bf16_cache) {
+            at::BFloat16 rounded[128];  // the query in the cache's dtype, as attend_one rounds it
+            for (int64_t c = 0; c < head_dim; ++c) rounded[c] = at::BFloat16(q[c]);
+            attend_one_head<at::BFloat16>(rounded, static_cast<const at::BFloat16*>(s.keys) + base,
+                                          static_cast<const at::BFloat16*>(s.values) + base, head_dim, nullptr,
+                                          s.length + 1, head_dim, scale, o, scores);
+          } else {
+            attend_one_head<float>(q, static_cast<const float*>(s.keys) + base,
+                                   static_cast<const float*>(s.values) + base, head_dim, nullptr, s.length + 1,
+                                   head_dim, scale, o, scores);
+          }
+        }
     };
-    if (units.size() == parts.size()) {  // nothing cut: no pool
+    if (units.size() == sequences.size()) {  // nothing cut: no region
       for (const auto& unit : units) run_unit(unit);
-      return outputs;
+      return;
     }
-    const at::ThreadLocalState caller_state;  // inference mode and the rest, for the helpers' torch calls
     musicgen::ElasticPool::instance().run(static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard same_state(caller_state);
-      TorchSingleThreaded single;  // a helper's own sdpa must not start a team either
       for (int64_t u = begin; u < end; ++u) run_unit(units[u]);
     });
-    return outputs;
   }
 
   torch::Tensor apply(size_t index, const torch::Tensor& input) const {
@@ -180,6 +251,64 @@ class DecoderLayerStep {
   std::vector<bool> gelus_;
   std::vector<int64_t> groups_;
   int64_t heads_;
+};
+
+// Every layer of a decoder for one column per sequence, in one call from Python.
+class DecoderStack {
+ public:
+  explicit DecoderStack(std::vector<DecoderLayerStep> layers) : layers_(std::move(layers)) {}
+  int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x (rows, 1, width) float32; bounds: row offsets of the sequences (size sequences + 1); per sequence: its
+  // self-attention cache keys / values (layers, rows_i, heads, capacity, head_dim), contiguous, float32 or
+  // bfloat16, `lengths[i]` positions filled (the new column goes there); its cross-attention keys / values
+  // (layers, rows_i, heads, text, head_dim) float32 and additive mask (rows_i, 1 or heads, 1, text). -> the last
+  // layer's output (rows, 1, width); the caller advances the caches' lengths.
+  torch::Tensor step(torch::Tensor x, const std::vector<int64_t>& bounds, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths,
+                     const std::vector<torch::Tensor>& cross_keys, const std::vector<torch::Tensor>& cross_values,
+                     const std::vector<torch::Tensor>& cross_masks) const {
+    const size_t count = keys.size();
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32 && bounds.size() == count + 1 &&
+                values.size() == count && lengths.size() == count && cross_keys.size() == count &&
+                cross_values.size() == count && cross_masks.size() == count && bounds.back() == x.size(0),
+                "DecoderStack.step: x (rows, 1, width) float32 and, per sequence, bounds, caches, lengths, "
+                "cross keys / values and masks");
+    x = x.contiguous();
+    std::vector<torch::Tensor> masks(count);
+    for (size_t i = 0; i < count; ++i) {
+      const auto& k = keys[i];
+      TORCH_CHECK(k.dim() == 5 && k.size(0) == size() && k.is_contiguous() && values[i].is_contiguous() &&
+                  values[i].sizes() == k.sizes() && values[i].scalar_type() == k.scalar_type() &&
+                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16) &&
+                  k.size(1) == bounds[i + 1] - bounds[i], "DecoderStack.step: a cache must be contiguous "
+                  "(layers, rows, heads, capacity, head_dim), float32 or bfloat16, with the sequence's rows");
+      TORCH_CHECK(lengths[i] + 1 <= k.size(3), "KV cache full: ", lengths[i] + 1, " positions > capacity ", k.size(3));
+      TORCH_CHECK(cross_keys[i].is_contiguous() && cross_values[i].is_contiguous() &&
+                  cross_keys[i].scalar_type() == torch::kFloat32 && cross_keys[i].size(1) == k.size(1),
+                  "DecoderStack.step: cross-attention keys / values contiguous float32 (layers, rows, heads, text, d)");
+      masks[i] = cross_masks[i].to(torch::kFloat32).contiguous();
+    }
+    std::vector<DecoderLayerStep::Sequence> sequences(count);
+    for (size_t layer = 0; layer < layers_.size(); ++layer) {
+      for (size_t i = 0; i < count; ++i) {
+        const auto &k = keys[i], &ck = cross_keys[i];
+        const int64_t cache_layer = k.stride(0) * k.element_size(), cross_layer = ck.stride(0);
+        sequences[i] = {bounds[i], bounds[i + 1] - bounds[i], lengths[i], k.size(3),
+                        static_cast<char*>(k.data_ptr()) + layer * cache_layer,
+                        static_cast<char*>(values[i].data_ptr()) + layer * cache_layer,
+                        k.scalar_type() == torch::kBFloat16,
+                        ck.data_ptr<float>() + layer * cross_layer, cross_values[i].data_ptr<float>() + layer * cross_layer,
+                        ck.size(3), masks[i].numel() ? masks[i].data_ptr<float>() : nullptr,
+                        masks[i].dim() == 4 ? masks[i].size(1) : 1};
+      }
+      x = layers_[layer].step(x, sequences);
+    }
+    return x;
+  }
+
+ private:
+  std::vector<DecoderLayerStep> layers_;
 };
 
 }  // namespace

@@ -85,6 +85,8 @@ class ElasticPool {
   bool contended() const { return now_us() < contended_until_us_.load(); }
   bool is_hot() const { return hot(); }
   int64_t preemptions() const { return preemptions_.load(); }
+  // Microseconds callers have spent in regions (the rest of a step is the caller's alone).
+  int64_t region_us() const { return region_us_.load(); }
 
   // body(begin, end) over [0, n) in chunks of `chunk`; returns when every chunk has run, rethrowing the first
   // exception one threw. Called while another region runs (a second Python thread) or in a forked child, the
@@ -92,6 +94,12 @@ class ElasticPool {
   // mode): a body that calls torch sets it (at::ThreadLocalStateGuard).
   void run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& body) {
     if (n <= 0) return;
+    const int64_t entered = now_us();
+    struct Account {  // time the callers spent in regions, for benchmarks (region_us)
+      std::atomic<int64_t>& total;
+      int64_t entered;
+      ~Account() { total.fetch_add(now_us() - entered); }
+    } account{region_us_, entered};
     chunk = std::max<int64_t>(1, chunk);
     const int64_t chunks = (n + chunk - 1) / chunk;
     std::unique_lock<std::mutex> running(run_mutex_, std::try_to_lock);
@@ -271,6 +279,7 @@ class ElasticPool {
   // ~1-3 ms; timer interrupts and a hypervisor's own work are tens of us); contended for this long after.
   static constexpr int64_t kPreemptedUs = 250, kRepeatUs = 100'000, kRepeats = 4, kContendedUs = 1'000'000;
   std::atomic<int64_t> contended_until_us_{0};
+  std::atomic<int64_t> region_us_{0};
   std::mutex preemption_mutex_;
   int64_t window_start_us_ = 0, window_count_ = 0;  // preemptions seen since window_start_us_
   std::atomic<int64_t> preemptions_{0};

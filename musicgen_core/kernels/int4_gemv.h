@@ -147,6 +147,34 @@ inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const 
 #endif
 }
 
+// The int8 kernel's unsigned activations (q + 128) made signed in place, and each group's sum for the zero
+// point: `groups` runs of `group` bytes (a multiple of 32). The sum of the signed bytes is the sum of the
+// unsigned ones less 128 a byte, which vpsadbw adds up 32 at a time.
+void to_signed_with_group_sums(uint8_t* bytes, int64_t groups, int64_t group, int32_t* sums) {
+  for (int64_t g = 0; g < groups; ++g) {
+    uint8_t* run = bytes + g * group;
+    int64_t total = 0;
+#ifdef MUSICGEN_HAVE_AVX2_OPS
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i partial = _mm256_setzero_si256();
+    for (int64_t i = 0; i < group; i += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(run + i));
+      partial = _mm256_add_epi64(partial, _mm256_sad_epu8(v, _mm256_setzero_si256()));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(run + i), _mm256_xor_si256(v, flip));
+    }
+    alignas(32) int64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), partial);
+    total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#else
+    for (int64_t i = 0; i < group; ++i) {
+      total += run[i];
+      run[i] ^= 0x80;
+    }
+#endif
+    sums[g] = static_cast<int32_t>(total - 128 * group);
+  }
+}
+
 // x: (..., in_features) float32; packed, scales from int8_kernel.pack_int4(); returns (..., out) float32.
 torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t in_features, int64_t out,
                       int64_t group, bool gelu) {
@@ -165,26 +193,15 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
               " does not match the weight's ", in_features);
   auto flat = x.reshape({-1, in}).contiguous();
   const int64_t rows = flat.size(0), groups = in_padded / group;
-  auto xq = torch::empty({rows, in_padded}, flat.options().dtype(torch::kUInt8));
-  auto sx = torch::empty({rows}, flat.options());
-  auto xsum = torch::empty({rows, groups}, flat.options().dtype(torch::kInt32));
-  quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
-  // The int8 kernel's unsigned activations (q + 128) made signed, and each group's sum for the zero point.
-  uint8_t* bytes = xq.data_ptr<uint8_t>();
-  int32_t* sums = xsum.data_ptr<int32_t>();
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-        bytes[m * in_padded + i] ^= 0x80;
-        sum += static_cast<int8_t>(bytes[m * in_padded + i]);
-      }
-      sums[m * groups + g] = sum;
-    }
+  Activations& a = activations(rows, in_padded, groups);
+  quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, a.quantized.data(), a.scales.data());
+  uint8_t* bytes = a.quantized.data();
+  int32_t* sums = a.group_sums.data();
+  to_signed_with_group_sums(bytes, rows * groups, group, sums);
   auto y = torch::empty({rows, out}, flat.options());
 #ifdef MUSICGEN_HAVE_AVX2_OPS
   const int8_t* q = reinterpret_cast<const int8_t*>(bytes);
-  const float* s = sx.data_ptr<float>();
+  const float* s = a.scales.data();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* ws = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -56,8 +56,8 @@ std::string isa() {
 bool supported() { return isa() != "none"; }
 
 // Quantize rows of x (rows, in) into xq (rows, in_padded), zero-padded (128 = quantized 0); returns sx.
-// Vectorized where AVX-512 is on; both paths round half to even, as torch.round does. A row holding a NaN or
-// an infinity gets scale NaN, so all of its outputs are NaN (as in float arithmetic) rather than quietly finite.
+// Vectorized (AVX-512 or AVX2); every path rounds half to even, as torch.round does. A row holding a NaN or an
+// infinity gets scale NaN, so all of its outputs are NaN (as in float arithmetic) rather than quietly finite.
 void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, uint8_t* xq, float* sx) {
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * in;
@@ -65,7 +65,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, 
     int64_t i = 0;
     float peak = 0.f;
     bool has_nan = false;
-#ifdef MUSICGEN_HAVE_VNNI
+#if defined(MUSICGEN_HAVE_VNNI)
     __m512 peaks = _mm512_setzero_ps();
     __mmask16 nans = 0;
     for (; i + 16 <= in; i += 16) {
@@ -75,6 +75,18 @@ void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, 
     }
     peak = _mm512_reduce_max_ps(peaks);
     has_nan = nans != 0;
+#elif defined(MUSICGEN_HAVE_AVX2_OPS)
+    __m256 peaks = _mm256_setzero_ps(), nans = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (; i + 8 <= in; i += 8) {
+      const __m256 v = _mm256_loadu_ps(row + i);
+      nans = _mm256_or_ps(nans, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      peaks = _mm256_max_ps(peaks, _mm256_andnot_ps(sign, v));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, peaks);
+    for (float lane : lanes) peak = std::max(peak, lane);  // max is exact: any order
+    has_nan = _mm256_movemask_ps(nans) != 0;
 #endif
     for (; i < in; ++i) {
       has_nan = has_nan || std::isnan(row[i]);
@@ -88,12 +100,25 @@ void quantize_rows(const float* x, int64_t rows, int64_t in, int64_t in_padded, 
     const float scale = peak > 0.f ? peak / 127.f : 1.f;
     const float inverse = 1.f / scale;
     i = 0;
-#ifdef MUSICGEN_HAVE_VNNI
+#if defined(MUSICGEN_HAVE_VNNI)
     const __m512 inverses = _mm512_set1_ps(inverse);
     const __m512i offset = _mm512_set1_epi32(128);
     for (; i + 16 <= in; i += 16) {
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), inverses)), offset);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+    }
+#elif defined(MUSICGEN_HAVE_AVX2_OPS)
+    const __m256 inverses = _mm256_set1_ps(inverse);
+    const __m256i offset = _mm256_set1_epi32(128);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+    auto quantized = [&](int64_t at) {  // 1..255: the packs below cannot saturate
+      return _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + at), inverses)), offset);
+    };
+    for (; i + 32 <= in; i += 32) {
+      const __m256i low = _mm256_packs_epi32(quantized(i), quantized(i + 8));
+      const __m256i high = _mm256_packs_epi32(quantized(i + 16), quantized(i + 24));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(low, high), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bytes);
     }
 #endif
     for (; i < in; ++i) out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(row[i] * inverse)) + 128);
@@ -289,10 +314,26 @@ int64_t stream_read(std::vector<torch::Tensor> tensors) {
   return checksum.load();
 }
 
-// {open bursts, contended now (0/1), preemptions seen by spinning helpers so far}
+// {open bursts, contended now (0/1), preemptions seen by helpers so far, microseconds callers spent in regions}
 std::vector<int64_t> pool_state() {
   auto& pool = musicgen::ElasticPool::instance();
-  return {pool.bursts(), pool.contended() ? 1 : 0, pool.preemptions()};
+  return {pool.bursts(), pool.contended() ? 1 : 0, pool.preemptions(), pool.region_us()};
+}
+
+// A linear's quantized activations, in buffers kept per thread (the calling thread's; helpers only read them
+// during the call): three tensor allocations less per linear, ~435 a step.
+struct Activations {
+  std::vector<uint8_t> quantized;  // (rows, in_padded)
+  std::vector<float> scales;       // (rows)
+  std::vector<int32_t> group_sums;  // (rows, groups): int4's zero points
+};
+
+Activations& activations(int64_t rows, int64_t in_padded, int64_t groups) {
+  thread_local Activations a;
+  a.quantized.resize(rows * in_padded);
+  a.scales.resize(rows);
+  a.group_sums.resize(rows * groups);
+  return a;
 }
 
 // x: (..., in_features) float32; packed, rowsum, scale from pack(); returns (..., out) float32.
@@ -311,13 +352,12 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
               in_features);
   auto flat = x.reshape({-1, in}).contiguous();
   const int64_t rows = flat.size(0);
-  auto xq = torch::empty({rows, in_padded}, flat.options().dtype(torch::kUInt8));
-  auto sx = torch::empty({rows}, flat.options());
-  quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  Activations& a = activations(rows, in_padded, 0);
+  quantize_rows(flat.data_ptr<float>(), rows, in, in_padded, a.quantized.data(), a.scales.data());
   auto y = torch::empty({rows, out}, flat.options());
 #ifdef MUSICGEN_HAVE_KERNEL
-  const uint8_t* q = xq.data_ptr<uint8_t>();
-  const float* s = sx.data_ptr<float>();
+  const uint8_t* q = a.quantized.data();
+  const float* s = a.scales.data();
   const int8_t* w = packed.data_ptr<int8_t>();
   const int32_t* r = rowsum.data_ptr<int32_t>();
   const float* ws = scale.data_ptr<float>();
@@ -372,7 +412,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("end_burst", [] { musicgen::ElasticPool::instance().end_burst(); }, "closes a begin_burst");
   m.def("stream_read", &stream_read, "read every byte of the tensors once, as a step reads its weights (the floor "
         "of a bandwidth-bound step); a checksum", pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("pool_state", &pool_state, "[open bursts, contended now, preemptions seen by spinning helpers]");
+  m.def("pool_state", &pool_state, "[open bursts, contended now, preemptions seen by helpers, microseconds callers spent in regions]");
   m.def("int4_isa", &int4_isa, "the instruction set of this build's int4 kernel: avx512-vnni, avx2 or none");
   m.def("linear4", &linear4, "y = x @ dequantized(w4).T with per-row int8 activations, group-wise int4 weights "
         "(then GELU if gelu)", pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -384,9 +424,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("layer_norm", &layer_norm, "layer norm over the last dimension, the C++ step's arithmetic (float32)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<DecoderLayerStep>(m, "DecoderLayerStep")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, std::vector<torch::Tensor>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<bool>, std::vector<int64_t>,
-                          int64_t>())
-      .def("step", &DecoderLayerStep::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+                          int64_t>());
+  pybind11::class_<DecoderStack>(m, "DecoderStack")
+      .def(pybind11::init<std::vector<DecoderLayerStep>>())
+      .def("__len__", &DecoderStack::size)
+      .def("step", &DecoderStack::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
