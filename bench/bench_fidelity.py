@@ -3,7 +3,8 @@
     python bench/bench_fidelity.py --model /tmp/mg-small --frames 100
 
 1. fp32 generates `frames` greedy frames (guidance 3) for a few prompts.
-2. Each fast path (bfloat16 weights, int8 weights, int4 weights per group size) is teacher-forced on exactly those codes; per decoder step and
+2. Each fast path (bfloat16 weights, int8 weights, int4 weights per group size, bf16 / int8 KV caches) is
+   teacher-forced on exactly those codes; per decoder step and
    codebook we compare its guided next-token distribution with fp32's: top-1 agreement and KL(fp32 || fast).
 3. Each fast path also generates greedily on its own; the SNR of its decoded audio against fp32's audio says
    how far free-running generation drifts (tokens diverge once one differs, so this is a pessimistic figure).
@@ -65,8 +66,11 @@ def main() -> None:
     ref_logits = [teacher_forced_guided_logits(reference, t, generated.codes[i]) for i, t in enumerate(PROMPTS)]
     paths = {"bfloat16": dict(dtype=torch.bfloat16), "kv-bf16": dict(kv_dtype=torch.bfloat16),
              "int8": dict(quantize="int8", kv_dtype=torch.float32), "int8+kv-bf16": dict(quantize="int8"),
+             "int8+kv-int8": dict(quantize="int8", kv_dtype=torch.int8),
              "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32),
-             **{f"int4-g{g}": dict(quantize=f"int4-g{g}", kv_dtype=torch.float32) for g in (32, 64, 128)}}
+             **{f"int4-g{g}": dict(quantize=f"int4-g{g}", kv_dtype=torch.float32) for g in (32, 64, 128)},
+             "int4+kv-bf16": dict(quantize="int4", kv_dtype=torch.bfloat16),
+             "int4+kv-int8": dict(quantize="int4", kv_dtype=torch.int8)}
     if args.paths:
         unknown = set(args.paths) - set(paths)
         if unknown:

@@ -18,6 +18,7 @@ from musicgen_core.threads import set_threads, thread_policy
 from . import wav
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: with --quantize int8 / int4 (our kernel's decoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codes-out", type=Path, help="new frames as int64 .npy, shape (codebooks, frames)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
-                        help="self-attention cache dtype (default: the weights' dtype;"
-                             " bfloat16 with --quantize on a bf16 CPU)")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize on a"
+                             " bf16 CPU); int8 (with --quantize): a scale per head vector, half of bf16's bytes")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="quantized decoder weights (CPU): int8 reads ~4x less per step (our kernel, AVX-512 "
                              "VNNI or AVX2, else fbgemm); int4 (= int4-g64) / int4-g32 / int4-g128 ~7x less (our "
@@ -65,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     model = MusicGen.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                      quantize=args.quantize,
-                                     kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
+                                     kv_dtype=KV_DTYPES[args.kv_dtype] if args.kv_dtype else None)
     load_seconds = time.perf_counter() - wall_start
     if args.model == "demo":
         print("musicgen-generate: using the built-in demo model (random weights): the output is noise",

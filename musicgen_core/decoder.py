@@ -181,6 +181,7 @@ class MusicgenDecoder(nn.Module):
         # or column by column gives the same bits (quantize.build_layer_steps).
         self.one_query_attention = None
         self.layer_norm_op = None  # with our kernel's layers: its layer norm, the C++ step's arithmetic
+        self.kv_quantizer = None  # with our kernel's layers: its per-vector int8 quantizer, for an int8 cache
         self.kernel_rows: frozenset[int] = frozenset()  # row counts whose linears take linear_f32 (use_linear_forms)
 
     def use_transposed_rows(self, rows: frozenset[int]) -> None:
@@ -352,7 +353,10 @@ class MusicgenDecoder(nn.Module):
         for cache in caches:
             if cache.length + 1 > cache.capacity:
                 raise ValueError(f"KV cache full: {cache.length + 1} positions > capacity {cache.capacity}")
+        empty = x.new_empty(0)
         return self.layer_steps.step(x, bounds, [c.keys for c in caches], [c.values for c in caches],
+                                     [empty if c.key_scales is None else c.key_scales for c in caches],
+                                     [empty if c.value_scales is None else c.value_scales for c in caches],
                                      [c.length for c in caches], [kv.keys for kv in crosses],
                                      [kv.values for kv in crosses], [kv.mask for kv in crosses])
 
@@ -376,11 +380,18 @@ class MusicgenDecoder(nn.Module):
             start, end = cache.length, cache.length + time
             if end > cache.capacity:
                 raise ValueError(f"KV cache full: {end} positions > capacity {cache.capacity}")
-            cache.keys[index, :, :, start:end] = k[rows]
-            cache.values[index, :, :, start:end] = v[rows]
+            if cache.key_scales is not None:  # int8: each head vector with its scale (the C++ step's quantizer)
+                for data, scales, new in ((cache.keys, cache.key_scales, k[rows]),
+                                          (cache.values, cache.value_scales, v[rows])):
+                    data[index, :, :, start:end], scales[index, :, :, start:end] = self.kv_quantizer(new)
+            else:
+                cache.keys[index, :, :, start:end] = k[rows]
+                cache.values[index, :, :, start:end] = v[rows]
             keys, values = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
             if self.one_query_attention is not None:  # causal: query t sees the cache up to start + t
-                outputs.append(self.one_query_attention(q[rows], keys, values, None, start))
+                scales = {} if cache.key_scales is None else dict(
+                    key_scales=cache.key_scales[index, :, :, :end], value_scales=cache.value_scales[index, :, :, :end])
+                outputs.append(self.one_query_attention(q[rows], keys, values, None, start, **scales))
                 continue
             mask = None
             if time > 1:  # prefill: causal within the new columns, everything before them visible

@@ -44,7 +44,7 @@ class GenerationOutput:
     decode_seconds: float  # wall time of the decoder steps alone
 
 
-KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 class MusicGen:
@@ -71,7 +71,8 @@ class MusicGen:
         devices) replays captured decoder steps. kv_dtype is the self-attention cache's dtype (default: the
         weights' dtype, or bfloat16 with quantize on a CPU with bf16 instructions): past ~10 s of context,
         reading the fp32 cache costs a CPU step more than reading the int8 weights (550 MB vs 344 MB per
-        musicgen-small step at 28 s)."""
+        musicgen-small step at 28 s). kv_dtype int8 (with our kernel's quantized decoder) keeps each head vector
+        of the cache as int8 with a float scale: half of bf16's bytes."""
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype}")
         if str(path_or_id) == "demo":
@@ -91,6 +92,8 @@ class MusicGen:
             _copy_out_of_the_checkpoint(modules)
         elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
             modules.decoder.choose_linear_forms()
+        if kv_dtype == torch.int8 and modules.decoder.kv_quantizer is None:
+            raise ValueError("an int8 KV cache needs our kernel's decoder (quantize int8 or int4 on a CPU with AVX2)")
         modules.decoder.kv_dtype = kv_dtype or (torch.bfloat16 if quantize is not None and has_bf16() else None)
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"

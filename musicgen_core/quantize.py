@@ -80,6 +80,7 @@ def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
     (not a multiple of 8, or over 128) keeps the Python layers."""
     decoder.one_query_attention = kernel.attend_one
     decoder.layer_norm_op = kernel.layer_norm
+    decoder.kv_quantizer = kernel.quantize_kv
     head_dim = decoder.config.head_dim
     if head_dim % 8 or head_dim > 128:
         decoder.layer_steps = None

@@ -27,6 +27,7 @@ from .service import SERVICE_NAME, MusicGenService, add_to_server
 log = logging.getLogger("musicgen.server")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: with --quantize int8 / int4 (our kernel's decoder)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -133,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantized decoder weights (CPU): int8 = our kernel (AVX-512 VNNI or AVX2), else fbgemm;"
                              " int4 (= int4-g64) / int4-g32 / int4-g128: our int4 kernel (AVX2), a scale per 32-128"
                              " inputs")
-    parser.add_argument("--kv-dtype", choices=sorted(DTYPES),
-                        help="self-attention cache dtype (default: the weights' dtype;"
-                             " bfloat16 with --quantize on a bf16 CPU)")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize on a"
+                             " bf16 CPU); int8 (with --quantize): a scale per head vector, half of bf16's bytes")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="context window in frames before a re-prime (default 30 s)")
@@ -158,7 +159,7 @@ async def serve(args: argparse.Namespace) -> None:
     # Loaded on a thread that ends (see call_in_fresh_thread): only the engine's thread keeps an OpenMP pool.
     model = await asyncio.to_thread(call_in_fresh_thread, MusicGen.from_pretrained, args.model, args.device,
                                     DTYPES[args.dtype], args.quantize,
-                                    kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
+                                    kv_dtype=KV_DTYPES[args.kv_dtype] if args.kv_dtype else None)
     if args.model == "demo":
         log.warning("event=demo_model note='random weights: the output is noise'")
     engine = Engine(model, EngineConfig(max_sessions=args.max_sessions, context_frames=args.context_frames,

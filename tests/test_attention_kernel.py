@@ -86,3 +86,30 @@ def test_mismatched_shapes_are_refused(kernel):
 def test_a_quantized_decoder_steps_through_it_and_a_float_decoder_does_not(mono_checkpoint, kernel):
     assert MusicGen.from_pretrained(mono_checkpoint, quantize="int8").decoder.one_query_attention is not None
     assert MusicGen.from_pretrained(mono_checkpoint).decoder.one_query_attention is None  # transformers' sdpa
+
+
+def test_an_int8_cache_vector_is_within_half_a_step_of_its_floats(isa_kernel):
+    x = torch.randn(2, 3, 5, 64) * torch.logspace(-3, 1, 5)[:, None]  # vectors five decades apart
+    x[0, 0, 0] = 0  # a zero vector: scale 0, all zeros
+    q, scales = isa_kernel.quantize_kv(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape and scales.shape == x.shape[:3]
+    assert q.abs().amax(dim=-1)[x.abs().amax(dim=-1) > 0].eq(127).all()  # each vector's extreme maps to 127
+    assert scales[0, 0, 0] == 0 and q[0, 0, 0].eq(0).all()
+    assert ((q.float() * scales[..., None] - x).abs() <= scales[..., None] / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("length", [1, 5, 37, 600])
+def test_it_attends_over_an_int8_cache_as_sdpa_over_the_dequantized_one(isa_kernel, length):
+    query, keys, values = cache_slice(2, 16, length, 64, torch.float32, length)
+    (k8, key_scales), (v8, value_scales) = isa_kernel.quantize_kv(keys), isa_kernel.quantize_kv(values)
+    expected = F.scaled_dot_product_attention(query, k8.float() * key_scales[..., None],
+                                              v8.float() * value_scales[..., None])
+    got = isa_kernel.attend_one(query, k8, v8, key_scales=key_scales, value_scales=value_scales)
+    assert (got - expected).abs().max() < 2e-6
+
+
+def test_an_int8_cache_comes_with_both_scales(kernel):
+    query, keys, values = cache_slice(1, 2, 4, 16, torch.float32, 5)
+    k8, key_scales = kernel.quantize_kv(keys)
+    with pytest.raises(RuntimeError, match="int8 cache takes key_scales and value_scales"):
+        kernel.attend_one(query, k8, k8)

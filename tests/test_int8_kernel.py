@@ -173,7 +173,8 @@ def test_a_quantized_model_lets_go_of_the_checkpoint_file(mono_checkpoint, tmp_p
     assert model.generate("warm lofi beat", frames=4).codes.shape == (1, 4, 4)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-cache", "bf16-cache"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8],
+                         ids=["fp32-cache", "bf16-cache", "int8-cache"])
 def test_the_cpp_layers_step_bit_for_bit_like_the_python_layers(mono_checkpoint, kernel, kv_dtype):
     """Two sequences batched (one with guidance, one without), several steps: the C++ one-column layers give the
     Python path's logits and caches exactly."""
@@ -183,6 +184,25 @@ def test_the_cpp_layers_step_bit_for_bit_like_the_python_layers(mono_checkpoint,
     for a, b in zip(fused, plain):
         assert a.cache.length == b.cache.length
         assert torch.equal(a.cache.keys[:, :, :, :a.cache.length], b.cache.keys[:, :, :, :b.cache.length])
+        if kv_dtype == torch.int8:
+            assert torch.equal(a.cache.value_scales[:, :, :, :a.cache.length],
+                               b.cache.value_scales[:, :, :, :b.cache.length])
+
+
+def test_an_int8_cache_needs_our_kernels_decoder(mono_checkpoint):
+    with pytest.raises(ValueError, match="int8 KV cache needs our kernel"):
+        MusicGen.from_pretrained(mono_checkpoint, kv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 KV cache needs our kernel"):
+        MusicGen.from_pretrained(mono_checkpoint, quantize="int8-fbgemm", kv_dtype=torch.int8)
+
+
+def test_an_int8_cache_holds_half_of_bf16s_bytes_and_generates(mono_checkpoint, kernel):
+    model = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.int8)
+    cache = model.decoder.allocate_cache(2, 64)
+    config = model.config.decoder
+    elements = 2 * config.num_hidden_layers * 2 * config.num_attention_heads * 64 * config.head_dim
+    assert cache.keys.dtype == torch.int8 and cache.nbytes == elements + elements // config.head_dim * 4
+    assert model.generate("warm lofi beat", frames=6).codes.shape == (1, 4, 6)
 
 
 def step_cpp_and_python_layers(model, steps: int = 6):

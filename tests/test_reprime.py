@@ -69,7 +69,14 @@ def without_preparation(monkeypatch) -> None:
     monkeypatch.setattr(FrameSource, "next_columns", lambda self, most: None)
 
 
-def test_a_prepared_reprime_gives_the_codes_of_a_reprime_that_prefills_at_the_switch(model, monkeypatch):
+@pytest.fixture(scope="module")
+def int8_cache_model(mono_checkpoint):
+    return MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("cache", ["default-cache", "int8-cache"])
+def test_a_prepared_reprime_gives_the_codes_of_a_reprime_that_prefills_at_the_switch(request, cache, monkeypatch):
+    model = request.getfixturevalue("model" if cache == "default-cache" else "int8_cache_model")
     prepared = run(Engine(model, WINDOW), session_spec(model, 150))[0]
     with monkeypatch.context() as patch:
         without_preparation(patch)

@@ -56,6 +56,11 @@ inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 }
 
+// 8 floats from 8 int8 (an int8 cache; its scale is applied after the dot product).
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 inline float sum8(__m256 v) {  // ((0+4) + (2+6)) + ((1+5) + (3+7)): a fixed order
   const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
@@ -71,6 +76,7 @@ struct Lanes8 {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const at::BFloat16* p) { return load8(p); }
+  static V load(const int8_t* p) { return load8(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -110,6 +116,9 @@ struct Lanes16 {
     const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
   }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -124,10 +133,13 @@ struct Lanes16 {
 #endif
 
 // One (row, head) in lanes of L: q (d), keys/values (length rows of d, `stride` apart), mask (length or null),
-// out (d); d a multiple of L::n, at most 128.
-template <class L, typename T>
-void attend_head(const T* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
-                 int64_t d, float scale, float* out, std::vector<float>& scores) {
+// out (d); d a multiple of L::n, at most 128. An int8 cache comes with a scale per key and per value
+// (key_scales, value_scales: length floats; null for a float cache): s[j] = (dot(q, k[j]) * key_scale[j]) *
+// scale + mask[j], and the values are weighed by p[j] * value_scale[j].
+template <class L, typename Q, typename T>
+void attend_head(const Q* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
+                 int64_t d, float scale, float* out, std::vector<float>& scores, const float* key_scales = nullptr,
+                 const float* value_scales = nullptr) {
   using V = typename L::V;
   const int64_t vectors = d / L::n;
   scores.resize(length);
@@ -135,7 +147,9 @@ void attend_head(const T* q, const T* keys, const T* values, int64_t stride, con
   for (int64_t c = 0; c < vectors; ++c) qv[c] = L::load(q + L::n * c);
   float peak = -std::numeric_limits<float>::infinity();
   auto finish = [&](int64_t j, V acc) {
-    float s = L::sum(acc) * scale;
+    float s = L::sum(acc);
+    if (key_scales) s *= key_scales[j];
+    s *= scale;
     if (mask) s += mask[j];
     scores[j] = s;
     peak = std::max(peak, s);
@@ -192,7 +206,7 @@ void attend_head(const T* q, const T* keys, const T* values, int64_t stride, con
   for (int64_t c = 0; c < vectors; ++c) acc[c] = L::zero();
   for (int64_t i = 0; i < length; ++i) {
     if (i + ahead < length) prefetch_row(values + (i + ahead) * stride);
-    const V p = L::set1(scores[i]);
+    const V p = L::set1(value_scales ? scores[i] * value_scales[i] : scores[i]);
     const T* v = values + i * stride;
     for (int64_t c = 0; c < vectors; ++c) acc[c] = L::fmadd(p, L::load(v + L::n * c), acc[c]);
   }
@@ -200,16 +214,53 @@ void attend_head(const T* q, const T* keys, const T* values, int64_t stride, con
 }
 
 // One (row, head), in 16 lanes where the build has AVX-512 and d allows, else 8: q (d), keys/values (length
-// rows of d, `stride` apart), mask (length or null), out (d). d a multiple of 8, at most 128.
-template <typename T>
-void attend_one_head(const T* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
-                     int64_t d, float scale, float* out, std::vector<float>& scores) {
+// rows of d, `stride` apart), mask (length or null), out (d); an int8 cache's scales (see attend_head). d a
+// multiple of 8, at most 128.
+template <typename Q, typename T>
+void attend_one_head(const Q* q, const T* keys, const T* values, int64_t stride, const float* mask, int64_t length,
+                     int64_t d, float scale, float* out, std::vector<float>& scores,
+                     const float* key_scales = nullptr, const float* value_scales = nullptr) {
 #ifdef MUSICGEN_HAVE_VNNI
-  if (d % 16 == 0) return attend_head<Lanes16>(q, keys, values, stride, mask, length, d, scale, out, scores);
+  if (d % 16 == 0)
+    return attend_head<Lanes16>(q, keys, values, stride, mask, length, d, scale, out, scores, key_scales,
+                                value_scales);
 #endif
-  attend_head<Lanes8>(q, keys, values, stride, mask, length, d, scale, out, scores);
+  attend_head<Lanes8>(q, keys, values, stride, mask, length, d, scale, out, scores, key_scales, value_scales);
 }
+
 #endif
+
+// One head vector of d floats to int8 in [-127, 127] and its scale (max |x| / 127; 0 for a zero vector), x ~
+// q * scale, rounded half to even: an int8 cache's arithmetic, for the C++ step and the Python layers alike.
+inline float quantize_vector(const float* x, int64_t d, int8_t* q) {
+  float peak = 0.f;
+  for (int64_t i = 0; i < d; ++i) peak = std::max(peak, std::fabs(x[i]));
+  if (!(peak > 0.f)) {  // zero (or NaN: kept as a NaN scale, as the activation quantizer does)
+    std::fill(q, q + d, int8_t{0});
+    return peak == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN();
+  }
+  const float scale = peak / 127.f, inverse = 1.f / scale;
+  for (int64_t i = 0; i < d; ++i)
+    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inverse), -127.f, 127.f));
+  return scale;
+}
+
+// x (..., d) float32 -> (int8 of x's shape, scales (...)): kernel.quantize_kv, what the Python layers write into
+// an int8 cache.
+std::vector<torch::Tensor> quantize_kv(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() >= 1, "quantize_kv: float32 (..., head_dim)");
+  const auto flat = x.contiguous();
+  const int64_t d = x.size(-1), vectors = d ? flat.numel() / d : 0;
+  auto q = at::empty(flat.sizes(), flat.options().dtype(torch::kInt8));
+  auto shape = flat.sizes().vec();
+  shape.pop_back();
+  auto scales = at::empty(shape, flat.options());
+  const float* xp = flat.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  for (int64_t v = 0; v < vectors; ++v) sp[v] = quantize_vector(xp + v * d, d, qp + v * d);
+  return {q, scales};
+}
 
 // query (rows, heads, T, d); keys, values (rows, heads, length, d) with unit stride in d (a cache's slice);
 // mask: additive float32 (rows, 1 or heads, 1, length) or none; causal_start >= 0: query t sees keys
@@ -218,7 +269,18 @@ void attend_one_head(const T* q, const T* keys, const T* values, int64_t stride,
 // query of a step would be, so a chunked prefill gives the bits of a one-shot prefill and of column-by-column
 // steps alike.
 torch::Tensor attend_one(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
-                         const c10::optional<torch::Tensor>& mask, int64_t causal_start) {
+                         const c10::optional<torch::Tensor>& mask, int64_t causal_start,
+                         const c10::optional<torch::Tensor>& key_scales,
+                         const c10::optional<torch::Tensor>& value_scales) {
+  const bool int8_cache = keys.scalar_type() == torch::kInt8;
+  TORCH_CHECK(int8_cache == (key_scales.has_value() && value_scales.has_value()),
+              "attend_one: an int8 cache takes key_scales and value_scales (rows, heads, length), a float one none");
+  if (int8_cache)
+    TORCH_CHECK(key_scales->scalar_type() == torch::kFloat32 && value_scales->scalar_type() == torch::kFloat32 &&
+                key_scales->dim() == 3 && key_scales->sizes() == value_scales->sizes() &&
+                key_scales->size(0) == keys.size(0) && key_scales->size(1) == keys.size(1) &&
+                key_scales->size(2) == keys.size(2) && key_scales->stride(2) == 1 && value_scales->stride(2) == 1,
+                "attend_one: key_scales / value_scales float32 (rows, heads, length), unit stride in length");
   TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes() && keys.size(0) == query.size(0) &&
               keys.size(1) == query.size(1) && keys.size(3) == query.size(3),
               "attend_one: query (rows, heads, T, d), keys and values (rows, heads, length, d)");
@@ -231,11 +293,12 @@ torch::Tensor attend_one(const torch::Tensor& query, const torch::Tensor& keys, 
 #ifdef MUSICGEN_HAVE_AVX2_OPS
   fast = d % 8 == 0 && d <= 128 && length > 0 && keys.stride(3) == 1 && values.stride(3) == 1 &&
          keys.strides() == values.strides() && keys.scalar_type() == values.scalar_type() &&
-         (keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16) &&
+         (keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kBFloat16 || int8_cache) &&
          (!mask || (mask->scalar_type() == torch::kFloat32 && mask->size(0) == rows &&
                     (mask->size(1) == 1 || mask->size(1) == heads) && mask->size(3) == length));
 #endif
   if (!fast) {
+    TORCH_CHECK(!int8_cache, "attend_one: an int8 cache needs head_dim a multiple of 8 (at most 128) and AVX2");
     c10::optional<torch::Tensor> full_mask = mask;
     if (causal_start >= 0 && queries > 1)
       full_mask = at::ones({queries, length}, keys.options().dtype(torch::kBool)).tril(causal_start);
@@ -245,30 +308,36 @@ torch::Tensor attend_one(const torch::Tensor& query, const torch::Tensor& keys, 
   }
   auto out = at::empty({rows, heads, queries, d}, query.options().dtype(torch::kFloat32));
 #ifdef MUSICGEN_HAVE_AVX2_OPS
-  const auto q = query.to(keys.scalar_type()).contiguous();  // as the Python path rounds q to the cache's dtype
+  // A float cache sees q rounded to its dtype, as the Python path rounds it; an int8 cache, q as it is.
+  const auto q = (int8_cache ? query.to(torch::kFloat32) : query.to(keys.scalar_type())).contiguous();
   const auto m = mask ? mask->contiguous() : torch::Tensor();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  auto run = [&](auto tag, int64_t u0, int64_t u1) {
-    using T = decltype(tag);
+  auto run = [&](auto query_tag, auto cache_tag, int64_t u0, int64_t u1) {
+    using Q = decltype(query_tag);
+    using T = decltype(cache_tag);
     thread_local std::vector<float> scores;
-    const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+    const Q* qp = reinterpret_cast<const Q*>(q.data_ptr());
     const T* kp = reinterpret_cast<const T*>(keys.data_ptr());
     const T* vp = reinterpret_cast<const T*>(values.data_ptr());
     for (int64_t u = u0; u < u1; ++u) {  // unit u: (row, head)
       const int64_t r = u / heads, h = u % heads;
       const int64_t offset = r * keys.stride(0) + h * keys.stride(1);
       const float* mp = mask ? m.data_ptr<float>() + r * m.stride(0) + (m.size(1) == 1 ? 0 : h * m.stride(1)) : nullptr;
+      const float* ks = int8_cache ? key_scales->data_ptr<float>() + r * key_scales->stride(0) + h * key_scales->stride(1) : nullptr;
+      const float* vs = int8_cache ? value_scales->data_ptr<float>() + r * value_scales->stride(0) + h * value_scales->stride(1) : nullptr;
       for (int64_t t = 0; t < queries; ++t)
-        attend_one_head<T>(qp + (u * queries + t) * d, kp + offset, vp + offset, keys.stride(2), mp,
-                           causal_start < 0 ? length : causal_start + t + 1, d, scale,
-                           out.data_ptr<float>() + (u * queries + t) * d, scores);
+        attend_one_head<Q, T>(qp + (u * queries + t) * d, kp + offset, vp + offset, keys.stride(2), mp,
+                              causal_start < 0 ? length : causal_start + t + 1, d, scale,
+                              out.data_ptr<float>() + (u * queries + t) * d, scores, ks, vs);
     }
   };
   auto body = [&](int64_t u0, int64_t u1) {
-    if (keys.scalar_type() == torch::kFloat32)
-      run(float{}, u0, u1);
+    if (int8_cache)
+      run(float{}, int8_t{}, u0, u1);
+    else if (keys.scalar_type() == torch::kFloat32)
+      run(float{}, float{}, u0, u1);
     else
-      run(at::BFloat16{}, u0, u1);
+      run(at::BFloat16{}, at::BFloat16{}, u0, u1);
   };
   // A prefill's many queries are shared out by (row, head); a step's one query is cut by the decoder layer
   // (a nested region here runs inline).

@@ -104,11 +104,14 @@ class DecoderLayerStep {
   // One sequence's state as this layer sees it: its self-attention cache (rows, heads, capacity, head_dim) of
   // this layer with `length` positions filled before the step, and its cross-attention keys / values (rows,
   // heads, text, head_dim) with an additive mask (rows, 1 or heads, 1, text).
+  enum class Cache { f32, bf16, int8 };
   struct Sequence {
     int64_t row0, rows, length, capacity;
     void* keys;
     void* values;
-    bool bf16_cache;
+    Cache cache;
+    float* key_scales;  // int8 cache: (rows, heads, capacity) of this layer; else null
+    float* value_scales;
     const float* cross_keys;
     const float* cross_values;
     int64_t text;
@@ -126,14 +129,21 @@ class DecoderLayerStep {
     for (const auto& s : sequences)
       for (int64_t r = 0; r < s.rows; ++r)
         for (int64_t head = 0; head < heads_; ++head) {
-          const int64_t at = ((r * heads_ + head) * s.capacity + s.length) * head_dim;
+          const int64_t position = (r * heads_ + head) * s.capacity + s.length, at = position * head_dim;
           const float* row = qkv_data + (s.row0 + r) * 3 * width + head * head_dim;
-          if (s.bf16_cache) {
-            to_cache(row + width, static_cast<at::BFloat16*>(s.keys) + at, head_dim);
-            to_cache(row + 2 * width, static_cast<at::BFloat16*>(s.values) + at, head_dim);
-          } else {
-            to_cache(row + width, static_cast<float*>(s.keys) + at, head_dim);
-            to_cache(row + 2 * width, static_cast<float*>(s.values) + at, head_dim);
+          switch (s.cache) {
+            case Cache::bf16:
+              to_cache(row + width, static_cast<at::BFloat16*>(s.keys) + at, head_dim);
+              to_cache(row + 2 * width, static_cast<at::BFloat16*>(s.values) + at, head_dim);
+              break;
+            case Cache::f32:
+              to_cache(row + width, static_cast<float*>(s.keys) + at, head_dim);
+              to_cache(row + 2 * width, static_cast<float*>(s.values) + at, head_dim);
+              break;
+            case Cache::int8:
+              s.key_scales[position] = quantize_vector(row + width, head_dim, static_cast<int8_t*>(s.keys) + at);
+              s.value_scales[position] = quantize_vector(row + 2 * width, head_dim, static_cast<int8_t*>(s.values) + at);
+              break;
           }
         }
     auto attended = at::empty_like(x);
@@ -187,7 +197,7 @@ class DecoderLayerStep {
                                                                           : 8 * g_attention_chunk_bytes;
     for (const auto& s : sequences) {
       const int64_t keys = cross ? s.text : s.length + 1;
-      const int64_t element = cross ? 4 : (s.bf16_cache ? 2 : 4);
+      const int64_t element = cross || s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
       const int64_t bytes = 2 * s.rows * heads_ * keys * head_dim * element;
       const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, s.rows * heads_);
       const int64_t row_step = chunks >= s.rows ? 1 : s.rows;  // rows first, then heads within a row
@@ -208,21 +218,24 @@ class DecoderLayerStep {
           if (cross) {
             const int64_t base = (r * heads_ + head) * s.text * head_dim;
             const float* mask = s.mask ? s.mask + (r * s.mask_heads + (s.mask_heads == 1 ? 0 : head)) * s.text : nullptr;
-            attend_one_head<float>(q, s.cross_keys + base, s.cross_values + base, head_dim, mask, s.text, head_dim,
-                                   scale, o, scores);
+            attend_one_head(q, s.cross_keys + base, s.cross_values + base, head_dim, mask, s.text, head_dim, scale, o,
+                            scores);
             continue;
           }
-          const int64_t base = (r * heads_ + head) * s.capacity * head_dim;
-          if (s.bf16_cache) {
+          const int64_t positions = (r * heads_ + head) * s.capacity, base = positions * head_dim;
+          if (s.cache == Cache::bf16) {
             at::BFloat16 rounded[128];  // the query in the cache's dtype, as attend_one rounds it
             for (int64_t c = 0; c < head_dim; ++c) rounded[c] = at::BFloat16(q[c]);
-            attend_one_head<at::BFloat16>(rounded, static_cast<const at::BFloat16*>(s.keys) + base,
-                                          static_cast<const at::BFloat16*>(s.values) + base, head_dim, nullptr,
-                                          s.length + 1, head_dim, scale, o, scores);
+            attend_one_head(rounded, static_cast<const at::BFloat16*>(s.keys) + base,
+                            static_cast<const at::BFloat16*>(s.values) + base, head_dim, nullptr, s.length + 1,
+                            head_dim, scale, o, scores);
+          } else if (s.cache == Cache::f32) {
+            attend_one_head(q, static_cast<const float*>(s.keys) + base, static_cast<const float*>(s.values) + base,
+                            head_dim, nullptr, s.length + 1, head_dim, scale, o, scores);
           } else {
-            attend_one_head<float>(q, static_cast<const float*>(s.keys) + base,
-                                   static_cast<const float*>(s.values) + base, head_dim, nullptr, s.length + 1,
-                                   head_dim, scale, o, scores);
+            attend_one_head(q, static_cast<const int8_t*>(s.keys) + base, static_cast<const int8_t*>(s.values) + base,
+                            head_dim, nullptr, s.length + 1, head_dim, scale, o, scores, s.key_scales + positions,
+                            s.value_scales + positions);
           }
         }
     };
@@ -260,29 +273,38 @@ class DecoderStack {
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
   // x (rows, 1, width) float32; bounds: row offsets of the sequences (size sequences + 1); per sequence: its
-  // self-attention cache keys / values (layers, rows_i, heads, capacity, head_dim), contiguous, float32 or
-  // bfloat16, `lengths[i]` positions filled (the new column goes there); its cross-attention keys / values
+  // self-attention cache keys / values (layers, rows_i, heads, capacity, head_dim), contiguous, float32,
+  // bfloat16 or int8 (then with key / value scales (layers, rows_i, heads, capacity); else empty tensors),
+  // `lengths[i]` positions filled (the new column goes there); its cross-attention keys / values
   // (layers, rows_i, heads, text, head_dim) float32 and additive mask (rows_i, 1 or heads, 1, text). -> the last
   // layer's output (rows, 1, width); the caller advances the caches' lengths.
   torch::Tensor step(torch::Tensor x, const std::vector<int64_t>& bounds, const std::vector<torch::Tensor>& keys,
-                     const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths,
+                     const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& key_scales,
+                     const std::vector<torch::Tensor>& value_scales, const std::vector<int64_t>& lengths,
                      const std::vector<torch::Tensor>& cross_keys, const std::vector<torch::Tensor>& cross_values,
                      const std::vector<torch::Tensor>& cross_masks) const {
     const size_t count = keys.size();
     TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32 && bounds.size() == count + 1 &&
-                values.size() == count && lengths.size() == count && cross_keys.size() == count &&
-                cross_values.size() == count && cross_masks.size() == count && bounds.back() == x.size(0),
-                "DecoderStack.step: x (rows, 1, width) float32 and, per sequence, bounds, caches, lengths, "
-                "cross keys / values and masks");
+                values.size() == count && key_scales.size() == count && value_scales.size() == count &&
+                lengths.size() == count && cross_keys.size() == count && cross_values.size() == count &&
+                cross_masks.size() == count && bounds.back() == x.size(0),
+                "DecoderStack.step: x (rows, 1, width) float32 and, per sequence, bounds, caches (with their scales: "
+                "empty for a float cache), lengths, cross keys / values and masks");
     x = x.contiguous();
     std::vector<torch::Tensor> masks(count);
     for (size_t i = 0; i < count; ++i) {
       const auto& k = keys[i];
       TORCH_CHECK(k.dim() == 5 && k.size(0) == size() && k.is_contiguous() && values[i].is_contiguous() &&
                   values[i].sizes() == k.sizes() && values[i].scalar_type() == k.scalar_type() &&
-                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16) &&
+                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16 ||
+                   k.scalar_type() == torch::kInt8) &&
                   k.size(1) == bounds[i + 1] - bounds[i], "DecoderStack.step: a cache must be contiguous "
-                  "(layers, rows, heads, capacity, head_dim), float32 or bfloat16, with the sequence's rows");
+                  "(layers, rows, heads, capacity, head_dim), float32, bfloat16 or int8, with the sequence's rows");
+      if (k.scalar_type() == torch::kInt8)
+        TORCH_CHECK(key_scales[i].is_contiguous() && value_scales[i].is_contiguous() &&
+                    key_scales[i].scalar_type() == torch::kFloat32 && value_scales[i].scalar_type() == torch::kFloat32 &&
+                    key_scales[i].sizes() == k.sizes().slice(0, 4) && value_scales[i].sizes() == k.sizes().slice(0, 4),
+                    "DecoderStack.step: an int8 cache's scales are contiguous float32 (layers, rows, heads, capacity)");
       TORCH_CHECK(lengths[i] + 1 <= k.size(3), "KV cache full: ", lengths[i] + 1, " positions > capacity ", k.size(3));
       TORCH_CHECK(cross_keys[i].is_contiguous() && cross_values[i].is_contiguous() &&
                   cross_keys[i].scalar_type() == torch::kFloat32 && cross_keys[i].size(1) == k.size(1),
@@ -294,10 +316,16 @@ class DecoderStack {
       for (size_t i = 0; i < count; ++i) {
         const auto &k = keys[i], &ck = cross_keys[i];
         const int64_t cache_layer = k.stride(0) * k.element_size(), cross_layer = ck.stride(0);
+        const bool int8 = k.scalar_type() == torch::kInt8;
+        const int64_t scale_layer = int8 ? key_scales[i].stride(0) : 0;
         sequences[i] = {bounds[i], bounds[i + 1] - bounds[i], lengths[i], k.size(3),
                         static_cast<char*>(k.data_ptr()) + layer * cache_layer,
                         static_cast<char*>(values[i].data_ptr()) + layer * cache_layer,
-                        k.scalar_type() == torch::kBFloat16,
+                        int8 ? DecoderLayerStep::Cache::int8
+                             : k.scalar_type() == torch::kBFloat16 ? DecoderLayerStep::Cache::bf16
+                                                                  : DecoderLayerStep::Cache::f32,
+                        int8 ? key_scales[i].data_ptr<float>() + layer * scale_layer : nullptr,
+                        int8 ? value_scales[i].data_ptr<float>() + layer * scale_layer : nullptr,
                         ck.data_ptr<float>() + layer * cross_layer, cross_values[i].data_ptr<float>() + layer * cross_layer,
                         ck.size(3), masks[i].numel() ? masks[i].data_ptr<float>() : nullptr,
                         masks[i].dim() == 4 ? masks[i].size(1) : 1};

@@ -417,9 +417,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear4", &linear4, "y = x @ dequantized(w4).T with per-row int8 activations, group-wise int4 weights "
         "(then GELU if gelu)", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attend_one", &attend_one, "attention computed query by query: (rows, heads, T, d) over keys and values "
-        "(rows, heads, length, d), an additive float mask or None, causal from causal_start (-1: not causal) -> float32",
+        "(rows, heads, length, d), an additive float mask or None, causal from causal_start (-1: not causal); an int8 "
+        "cache with its key and value scales (rows, heads, length) -> float32",
         pybind11::arg("query"), pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("mask") = pybind11::none(),
-        pybind11::arg("causal_start") = -1, pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("causal_start") = -1, pybind11::arg("key_scales") = pybind11::none(),
+        pybind11::arg("value_scales") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("quantize_kv", &quantize_kv, "(..., head_dim) float32 -> [int8 of the same shape, scales (...)]: an int8 "
+        "cache's per-vector quantization", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear_f32", &linear_f32, "y = x @ weight.T for float32 x of a few rows, streaming the weight once",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "y = x @ dequantized(w).T with per-row int8 activations (then GELU if gelu)",
