@@ -5,7 +5,8 @@
 // 20-90 us per call even over a few keys. This streams each key and value row once, at memory speed.
 //
 // Arithmetic, for each (row, head) on its own (so any split of rows and heads gives the same bits):
-//   s[j] = dot(q, k[j]) * scale + mask[j]     (dot: 8 or 16 lanes of FMA over head_dim, then a fixed pairwise sum)
+//   s[j] = dot(q, k[j]) * scale + mask[j]     (dot: 8 or 16 lanes of FMA over head_dim, then a fixed pairwise sum
+//                                             that does not depend on how many keys are summed together)
 //   p[j] = exp(s[j] - max s)                  (exp_ps below, ~1 ulp)
 //   out  = (sum_j p[j] v[j]) * (1 / sum_j p[j])
 // scale = 1 / sqrt(head_dim). Keys and values are float32 or bfloat16 (widened exactly); the output is float32.
@@ -61,12 +62,17 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-inline float sum8(__m256 v) {  // ((0+4) + (2+6)) + ((1+5) + (3+7)): a fixed order
-  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+inline float sum8(__m256 v) {  // ((0+1) + (2+3)) + ((4+5) + (6+7)): the order sum8x4 gives each of its four
+  const __m256 pairs = _mm256_hadd_ps(v, v);
+  const __m256 quads = _mm256_hadd_ps(pairs, pairs);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1)));
 }
 
+// The four sums of a0..a3, each in sum8's order, in one pass (three hadds instead of four reductions).
+inline __m128 sum8x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 quads = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1));
+}
 // The vector operations of one width: Lanes8 (AVX2) and Lanes16 (AVX-512, where the build has it), so that one
 // body below serves both.
 struct Lanes8 {
@@ -84,6 +90,7 @@ struct Lanes8 {
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V exp(V x) { return exp_ps(x); }
   static float sum(V v) { return sum8(v); }
+  static __m128 sum4(V a0, V a1, V a2, V a3) { return sum8x4(a0, a1, a2, a3); }
 };
 
 #ifdef MUSICGEN_HAVE_VNNI
@@ -125,10 +132,12 @@ struct Lanes16 {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V exp(V x) { return exp_ps16(x); }
-  static float sum(V v) {  // the two halves added, then sum8's order
+  static __m256 halves(V v) {  // lanes i and i + 8 added
     const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));  // AVX-512F only
-    return sum8(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+    return _mm256_add_ps(_mm512_castps512_ps256(v), high);
   }
+  static float sum(V v) { return sum8(halves(v)); }  // the two halves added, then sum8's order
+  static __m128 sum4(V a0, V a1, V a2, V a3) { return sum8x4(halves(a0), halves(a1), halves(a2), halves(a3)); }
 };
 #endif
 
@@ -146,8 +155,7 @@ void attend_head(const Q* q, const T* keys, const T* values, int64_t stride, con
   V qv[128 / L::n];
   for (int64_t c = 0; c < vectors; ++c) qv[c] = L::load(q + L::n * c);
   float peak = -std::numeric_limits<float>::infinity();
-  auto finish = [&](int64_t j, V acc) {
-    float s = L::sum(acc);
+  auto finish = [&](int64_t j, float s) {
     if (key_scales) s *= key_scales[j];
     s *= scale;
     if (mask) s += mask[j];
@@ -177,13 +185,15 @@ void attend_head(const Q* q, const T* keys, const T* values, int64_t stride, con
       a2 = L::fmadd(qv[c], L::load(k + 2 * stride + L::n * c), a2);
       a3 = L::fmadd(qv[c], L::load(k + 3 * stride + L::n * c), a3);
     }
-    finish(j0, a0), finish(j0 + 1, a1), finish(j0 + 2, a2), finish(j0 + 3, a3);
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, L::sum4(a0, a1, a2, a3));  // each as L::sum would give it, for the tail below
+    for (int k = 0; k < 4; ++k) finish(j0 + k, sums[k]);
   }
   for (; j0 < length; ++j0) {  // the same chain per key as above, one key at a time
     const T* k = keys + j0 * stride;
     V acc = L::mul(qv[0], L::load(k));
     for (int64_t c = 1; c < vectors; ++c) acc = L::fmadd(qv[c], L::load(k + L::n * c), acc);
-    finish(j0, acc);
+    finish(j0, L::sum(acc));
   }
   V total = L::zero();
   const V peaks = L::set1(peak);
@@ -234,14 +244,36 @@ void attend_one_head(const Q* q, const T* keys, const T* values, int64_t stride,
 // q * scale, rounded half to even: an int8 cache's arithmetic, for the C++ step and the Python layers alike.
 inline float quantize_vector(const float* x, int64_t d, int8_t* q) {
   float peak = 0.f;
-  for (int64_t i = 0; i < d; ++i) peak = std::max(peak, std::fabs(x[i]));
+  int64_t i = 0;
+#if defined(MUSICGEN_HAVE_AVX2_OPS)
+  __m256 peaks = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= d; i += 8) peaks = _mm256_max_ps(peaks, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peaks);
+  for (float lane : lanes) peak = std::max(peak, lane);  // max is exact in any order (a NaN lane is dropped...)
+#endif
+  for (; i < d; ++i) peak = std::max(peak, std::fabs(x[i]));
+  for (i = 0; i < d; ++i)
+    if (std::isnan(x[i])) peak = std::numeric_limits<float>::quiet_NaN();  // (...so NaN is looked for here)
   if (!(peak > 0.f)) {  // zero (or NaN: kept as a NaN scale, as the activation quantizer does)
     std::fill(q, q + d, int8_t{0});
     return peak == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN();
   }
   const float scale = peak / 127.f, inverse = 1.f / scale;
-  for (int64_t i = 0; i < d; ++i)
-    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inverse), -127.f, 127.f));
+  i = 0;
+#if defined(MUSICGEN_HAVE_AVX2_OPS)
+  // |x| * inverse <= 127 up to rounding: the rounded values fit, and the saturating packs cannot clip them.
+  const __m256 inverses = _mm256_set1_ps(inverse);
+  for (; i + 16 <= d; i += 16) {
+    const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverses));
+    const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inverses));
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);  // in order
+    const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), bytes);
+  }
+#endif
+  for (; i < d; ++i) q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inverse), -127.f, 127.f));
   return scale;
 }
 
