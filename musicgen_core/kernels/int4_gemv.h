@@ -211,6 +211,11 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
       const int64_t t1 = std::min(b1, t0 + tile);
       int64_t m = 0;
+#ifdef MUSICGEN_HAVE_VNNI  // 8 rows share a weight load (16 accumulators fit AVX-512's 32 registers, not AVX2's 16)
+      for (; m + 8 <= rows; m += 8)
+        for (int64_t b = t0; b < t1; ++b)
+          gemv4<8>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+#endif
       for (; m + 4 <= rows; m += 4)
         for (int64_t b = t0; b < t1; ++b)
           gemv4<4>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
