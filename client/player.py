@@ -181,7 +181,7 @@ class Player:
         if self.error is not None:
             raise self.error
         if self._drained and self._stream is not None:
-            time.sleep(min(self._device_latency(), 1.0))
+            time.sleep(min(self.device_latency, 1.0))
         return True
 
     def play(self) -> PlayerStats:
@@ -234,7 +234,10 @@ class Player:
                            device_underflows=self.device_underflows, device_rate=self.device_rate,
                            stream_rate=self.stream_rate)
 
-    def _device_latency(self) -> float:
+    @property
+    def device_latency(self) -> float:
+        """The device's own output latency in seconds (PortAudio's figure): from the callback taking a sample
+        to it being heard."""
         latency = getattr(self._stream, "latency", 0.0) if self._stream is not None else 0.0
         return float(latency[1] if isinstance(latency, tuple) else latency or 0.0)
 
@@ -242,7 +245,7 @@ class Player:
     def output_latency(self) -> OutputLatency:
         """Jitter buffer depth plus the device's output latency: the delay from a sample entering the player
         to it being heard, for a host's latency compensation."""
-        seconds = self.ring.available / self.device_rate + self._device_latency()
+        seconds = self.ring.available / self.device_rate + self.device_latency
         return OutputLatency(seconds, round(seconds * self.stream_rate))
 
     # -- the audio callback (PortAudio's thread) -----------------------------------------------------------
