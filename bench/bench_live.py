@@ -246,7 +246,7 @@ def main() -> None:
                 helper.terminate()
                 helper.wait(10)
             else:
-                helper.close()
+                helper.stop()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@
 // nobody sleeps and wakes ~150 times a step (on the 2-core Xeon a step took 3-4 ms longer that way than with
 // OpenMP's spinning team, and a woken thread was now and then placed on the waker's core). A helper that
 // finds its clock jumped while it spun or worked (over kPreemptedUs) and its thread switched out by the
-// scheduler has met a neighbour that wants its core: after kRepeats such preemptions within kRepeatUs the pool
-// is contended for kContendedUs, and behaves as outside a burst, so the neighbour gets the core and the helper,
+// scheduler has met a neighbour that wants its core: once such preemptions take more than a tenth of a window of
+// kRepeatUs the pool is contended for kContendedUs, and behaves as outside a burst, so the neighbour gets the core and the helper,
 // woken for work, is favoured by the scheduler as a thread that slept. On a machine to itself nothing preempts
 // a helper and the pool stays hot for the whole step.
 #pragma once
@@ -154,7 +154,7 @@ class ElasticPool {
       }
       if (switches) {
         const int64_t now = now_us();
-        if (now - started > kPreemptedUs) check_preempted(now, *switches);
+        if (now - started > kPreemptedUs) check_preempted(now, now - started, *switches);
       }
       if (finished_.fetch_add(1) + 1 == chunks && caller_waiting_.load()) {
         std::lock_guard<std::mutex> lock(done_mutex_);
@@ -204,13 +204,15 @@ class ElasticPool {
         std::chrono::steady_clock::now().time_since_epoch()).count();
   }
 
-  // Called by a helper that saw the clock jump while it spun or worked: if this thread was switched out by the
-  // scheduler (its count of involuntary switches grew; a stall of the whole virtual CPU by the host does not
-  // count, nothing on this machine can help that), another thread wanted this core. A few such switches are the
-  // machine's own housekeeping (kernel threads that run ~1 ms now and then: a dozen in 6 s seen on the Xeon VM);
-  // kRepeats within kRepeatUs are a neighbour that wants the core all the time (a busy process: one every time
-  // slice, ~3 ms; a DAW's audio callback: one every few ms): contended for kContendedUs.
-  void check_preempted(int64_t now, int64_t& switches) {
+  // Called by a helper that saw `lost` us go by while it spun or worked a chunk (over kPreemptedUs): if this
+  // thread was switched out by the scheduler (its count of involuntary switches grew; a stall of the whole
+  // virtual CPU by the host does not count, nothing on this machine can help that), another thread wanted this
+  // core. What matters is how much of the core it takes: kernel threads that run ~1 ms now and then, or a
+  // client's audio and network threads (0.2 ms every 10 ms), take a few percent, and spinning through them
+  // costs nothing (the contended mode made such a step 22% slower on the Xeon); a busy process (every other
+  // time slice) or a DAW's audio callback (a third of a core) take far more. Over kShareOfWindow of a window of
+  // kRepeatUs lost this way, the pool is contended for kContendedUs.
+  void check_preempted(int64_t now, int64_t lost, int64_t& switches) {
     const int64_t seen = involuntary_switches();
     if (seen == switches) return;
     switches = seen;
@@ -218,9 +220,10 @@ class ElasticPool {
     std::lock_guard<std::mutex> lock(preemption_mutex_);
     if (now - window_start_us_ > kRepeatUs) {
       window_start_us_ = now;
-      window_count_ = 0;
+      window_lost_us_ = 0;
     }
-    if (++window_count_ >= kRepeats) contended_until_us_.store(now + kContendedUs);
+    window_lost_us_ += lost;
+    if (window_lost_us_ > kRepeatUs / kShareOfWindow) contended_until_us_.store(now + kContendedUs);
   }
 
   static int64_t involuntary_switches() {
@@ -258,7 +261,7 @@ class ElasticPool {
       if (ready()) return true;
       if ((i & 63) != 0) continue;
       const int64_t now = now_us();
-      if (now - last > kPreemptedUs) check_preempted(now, switches);
+      if (now - last > kPreemptedUs) check_preempted(now, now - last, switches);
       last = now;
       if (now - start >= (hot() ? burst_spin_us_.load() : spin_us_.load())) return false;
     }
@@ -277,11 +280,12 @@ class ElasticPool {
   std::atomic<int> bursts_{0};
   // Past a gap this long between two looks at the clock, a spinning helper was preempted (a time slice is
   // ~1-3 ms; timer interrupts and a hypervisor's own work are tens of us); contended for this long after.
-  static constexpr int64_t kPreemptedUs = 250, kRepeatUs = 100'000, kRepeats = 4, kContendedUs = 1'000'000;
+  // kShareOfWindow: 1 / the share of a window lost to preemption that makes the pool contended (10%).
+  static constexpr int64_t kPreemptedUs = 250, kRepeatUs = 100'000, kShareOfWindow = 10, kContendedUs = 1'000'000;
   std::atomic<int64_t> contended_until_us_{0};
   std::atomic<int64_t> region_us_{0};
   std::mutex preemption_mutex_;
-  int64_t window_start_us_ = 0, window_count_ = 0;  // preemptions seen since window_start_us_
+  int64_t window_start_us_ = 0, window_lost_us_ = 0;  // time lost to preemption since window_start_us_
   std::atomic<int64_t> preemptions_{0};
   std::atomic<bool> forked_{false};
   std::vector<std::thread> helpers_;
