@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
-                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize on a"
-                             " bf16 CPU); int8 (with --quantize): a scale per head vector, half of bf16's bytes")
+                        help="self-attention cache dtype (default: the weights' dtype; with --quantize int8/int4, int8:"
+                             " a scale per head vector, half of bf16's bytes; with int8-fbgemm, bfloat16 on a bf16 CPU)")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="quantized decoder weights (CPU): int8 reads ~4x less per step (our kernel, AVX-512 "
                              "VNNI or AVX2, else fbgemm); int4 (= int4-g64) / int4-g32 / int4-g128 ~7x less (our "

@@ -47,6 +47,17 @@ class GenerationOutput:
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
+def default_kv_dtype(decoder, quantize: str | None) -> torch.dtype | None:
+    """A quantized decoder's cache: int8 with our kernel (its fidelity against fp32 measured as bf16's, half of
+    bf16's bytes, a quarter of fp32's), else bfloat16 on CPUs with bf16 instructions; a float decoder's: its
+    weights' dtype (None)."""
+    if quantize is None:
+        return None
+    if decoder.kv_quantizer is not None:
+        return torch.int8
+    return torch.bfloat16 if has_bf16() else None
+
+
 class MusicGen:
     def __init__(self, config: MusicGenConfig, modules: MusicGenModules, tokenizer: T5Tokenizer,
                  cuda_graphs: bool = False):
@@ -69,7 +80,8 @@ class MusicGen:
         quantize='int8' stores the decoder's linear weights as int8 (CPU), 'int4' (or int4-g32/g64/g128) as
         group-wise int4 (quantize.QUANTIZATIONS). cuda_graphs (default: on for CUDA
         devices) replays captured decoder steps. kv_dtype is the self-attention cache's dtype (default: the
-        weights' dtype, or bfloat16 with quantize on a CPU with bf16 instructions): past ~10 s of context,
+        weights' dtype; with quantize, int8 through our kernel, else bfloat16 on CPUs with bf16 instructions):
+        past ~10 s of context,
         reading the fp32 cache costs a CPU step more than reading the int8 weights (550 MB vs 344 MB per
         musicgen-small step at 28 s). kv_dtype int8 (with our kernel's quantized decoder) keeps each head vector
         of the cache as int8 with a float scale: half of bf16's bytes."""
@@ -94,7 +106,7 @@ class MusicGen:
             modules.decoder.choose_linear_forms()
         if kv_dtype == torch.int8 and modules.decoder.kv_quantizer is None:
             raise ValueError("an int8 KV cache needs our kernel's decoder (quantize int8 or int4 on a CPU with AVX2)")
-        modules.decoder.kv_dtype = kv_dtype or (torch.bfloat16 if quantize is not None and has_bf16() else None)
+        modules.decoder.kv_dtype = kv_dtype or default_kv_dtype(modules.decoder, quantize)
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"
         if cuda_graphs and torch.device(device).type != "cuda":

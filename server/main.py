@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                              " int4 (= int4-g64) / int4-g32 / int4-g128: our int4 kernel (AVX2), a scale per 32-128"
                              " inputs")
     parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
-                        help="self-attention cache dtype (default: the weights' dtype; bfloat16 with --quantize on a"
-                             " bf16 CPU); int8 (with --quantize): a scale per head vector, half of bf16's bytes")
+                        help="self-attention cache dtype (default: the weights' dtype; with --quantize int8/int4, int8:"
+                             " a scale per head vector, half of bf16's bytes; with int8-fbgemm, bfloat16 on a bf16 CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--max-sessions", type=int, default=8)
     parser.add_argument("--context-frames", type=int, help="context window in frames before a re-prime (default 30 s)")

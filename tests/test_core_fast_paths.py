@@ -152,11 +152,14 @@ def test_cpu_caches_skip_the_zero_fill_and_still_generate_the_same_codes(mono_ch
         assert torch.equal(model.step([dirty])[0].column, model.step([clean])[0].column)
 
 
-def test_kv_cache_dtype_defaults_to_the_weights_and_to_bfloat16_with_int8_on_bf16_cpus(mono_checkpoint):
-    assert MusicGen.from_pretrained(mono_checkpoint).decoder.allocate_cache(2, 8).keys.dtype == torch.float32
-    int8 = MusicGen.from_pretrained(mono_checkpoint, quantize="int8")
+def test_kv_cache_dtype_defaults_to_the_weights_and_to_int8_with_our_kernels_decoders(mono_checkpoint):
     from musicgen_core.cpu import has_bf16
-    assert int8.decoder.allocate_cache(2, 8).keys.dtype == (torch.bfloat16 if has_bf16() else torch.float32)
+    assert MusicGen.from_pretrained(mono_checkpoint).decoder.allocate_cache(2, 8).keys.dtype == torch.float32
+    for scheme in ("int8", "int4"):
+        assert MusicGen.from_pretrained(mono_checkpoint, quantize=scheme).decoder.allocate_cache(2, 8).keys.dtype \
+            == torch.int8
+    fbgemm = MusicGen.from_pretrained(mono_checkpoint, quantize="int8-fbgemm")  # attends through sdpa: no int8
+    assert fbgemm.decoder.allocate_cache(2, 8).keys.dtype == (torch.bfloat16 if has_bf16() else torch.float32)
     exact_cache = MusicGen.from_pretrained(mono_checkpoint, quantize="int8", kv_dtype=torch.float32)
     assert exact_cache.decoder.allocate_cache(2, 8).keys.dtype == torch.float32
 
