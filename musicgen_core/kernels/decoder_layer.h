@@ -191,10 +191,7 @@ class DecoderLayerStep {
       int64_t r0, r1, h0, h1;
     };
     std::vector<Unit> units;
-    // A contended pool (a neighbour on a helper's core) cuts coarser: a unit a preempted helper holds makes the
-    // caller wait, and the waits are fewer with fewer units.
-    const int64_t unit_bytes = musicgen::ElasticPool::instance().is_hot() ? g_attention_chunk_bytes
-                                                                          : 8 * g_attention_chunk_bytes;
+    const int64_t unit_bytes = g_attention_chunk_bytes;
     for (const auto& s : sequences) {
       const int64_t keys = cross ? s.text : s.length + 1;
       const int64_t element = cross || s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
