@@ -279,6 +279,9 @@ def pool(args) -> None:
     for _ in range(args.blocks):
         for name, use_openmp in sides.items():
             kernel.set_parallel(torch.get_num_threads(), KERNEL_SPIN_US, use_openmp)
+            # OpenMP's team spins on after its regions, and the pool takes a helper preempted by it for a
+            # neighbour (contended for 1 s): let both settle, so neither side pays for the other
+            time.sleep(1.2)
             model.step(states)
             times = [_timed(lambda: model.step(states)) for _ in range(7)]
             steps[name].append(1000 * statistics.median(times))
