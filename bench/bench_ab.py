@@ -17,6 +17,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py int4     --model /tmp/mg-small   # int8 vs int4 (each group size) steps, by context
     python bench/bench_ab.py ttfa     --model /tmp/mg-small   # time to first audio through the engine: int8 vs int4
     python bench/bench_ab.py f32      --model /tmp/mg-small   # a float32 step per linear form, and its floor
+    python bench/bench_ab.py prompts  --model /tmp/mg-small   # a step with 1-4 weighted prompts (int8, int4)
 """
 
 from __future__ import annotations
@@ -440,14 +441,47 @@ def f32(args) -> None:
     print(f"weights read per step: {gigabytes:.2f} GB")
 
 
+PROMPT_TEXTS = ["warm lofi beat with piano", "dark techno", "ambient pad with long strings", "funky bass groove"]
+
+
+def prompts(args) -> None:
+    """One session's step with 1, 2, 3 and 4 weighted prompts (2-5 decoder rows with guidance), int8 and int4,
+    in turn, at 0 and `--context` frames of context; medians over the blocks."""
+    from musicgen_core import MusicGen
+
+    schemes = {s: MusicGen.from_pretrained(args.model, quantize=s) for s in ("int8", "int4")}
+    for context in (0, args.context):
+        for scheme, model in schemes.items():
+            decoder = model.config.decoder
+            prompt = torch.randint(0, decoder.vocab_size, (decoder.num_codebooks, context),
+                                   generator=torch.Generator().manual_seed(0))
+            states = {}
+            for count in range(1, 5):
+                conditioning = [model.encode_text([t])[0] for t in PROMPT_TEXTS[:count]]
+                states[count] = [model.start_sequence(conditioning, model.default_sampling(),
+                                                      prompt if context else None,
+                                                      total_frames=context + 10 * args.blocks + 10)]
+                model.step(states[count])  # the prefill
+            times = {count: [] for count in states}
+            for _ in range(args.blocks):
+                for count, state in states.items():
+                    model.step(state)
+                    times[count].append(statistics.median(_timed(lambda: model.step(state)) for _ in range(7)))
+            medians = {count: 1000 * statistics.median(values) for count, values in times.items()}
+            print(f"{scheme} context {context:4d}: " + "  ".join(
+                f"{count} prompt(s) {ms:5.1f} ms" for count, ms in medians.items())
+                + f"  (+{(medians[4] - medians[1]) / 3:.1f} ms per extra prompt)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
-                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa", "f32"])
+                                         "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa", "f32",
+                                         "prompts"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--context", type=int, default=600, help="pool: frames of context")
+    parser.add_argument("--context", type=int, default=600, help="pool, prompts: frames of context")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "threads":

@@ -22,7 +22,7 @@ from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from .connection import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Connection
 from .errors import MusicGenError, from_rpc_error
 from .events import AudioChunk, Event, EventTracker, Finished, ModelInfo, Started, from_pb
-from .requests import StartOptions, start_message
+from .requests import PromptWeights, StartOptions, start_message
 from .session import LiveSession
 
 _SKIP = object()
@@ -117,12 +117,12 @@ class AsyncLiveSession:
 
     # -- steering and state: those of LiveSession, safe from any task or thread ------------------------------
 
-    def set_prompt(self, text: str | None = None, *, guidance_scale: float | None = None,
-                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                   greedy: bool | None = None, seed: int | None = None) -> None:
+    def set_prompt(self, text: str | None = None, *, prompts: PromptWeights | None = None,
+                   guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None) -> None:
         """See `LiveSession.set_prompt`."""
-        self._live.set_prompt(text, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p, greedy=greedy, seed=seed)
+        self._live.set_prompt(text, prompts=prompts, guidance_scale=guidance_scale, temperature=temperature,
+                              top_k=top_k, top_p=top_p, greedy=greedy, seed=seed)
 
     def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False) -> None:
         """See `LiveSession.append_audio`."""

@@ -3,6 +3,7 @@
     musicgen-client play "warm lofi beat" --seconds 20 --out take.wav
     musicgen-client play "warm lofi beat" --seconds 5 --no-playback --out take.wav   # no audio device needed
     musicgen-client live "ambient pad"        # then type prompts; :pause :resume :feed FILE.wav :quit
+    musicgen-client live --weights "ambient pad=0.7 | dark techno=0.3"   # then e.g. :weights ambient pad=0.2 | dark techno=0.8
     musicgen-client info | devices
 
 Server: --server HOST:PORT (or $MUSICGEN_SERVER), --token (or $MUSICGEN_TOKEN), --tls-cert PEM for TLS.
@@ -11,7 +12,9 @@ Server: --server HOST:PORT (or $MUSICGEN_SERVER), --token (or $MUSICGEN_TOKEN), 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import threading
 import time
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     play = commands.add_parser("play", help="generate, play in real time and/or record to a WAV")
-    play.add_argument("prompt", help="text description, e.g. 'warm lofi beat'")
+    play.add_argument("prompt", nargs="?", default="",
+                      help="text description, e.g. 'warm lofi beat' (or --weights for several)")
     play.add_argument("--seconds", type=float, default=10.0, help="length (default 10)")
     _session_options(play)
 
@@ -96,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _session_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--weights", metavar="'TEXT=W | TEXT=W'", type=_weights_argument,
+                         help="several prompts with weights instead of PROMPT, e.g. 'warm lofi=0.7 | dark techno=0.3'"
+                              " (the server normalises the weights to sum 1)")
     command.add_argument("--out", type=Path, help="write the stream to this 16-bit WAV")
     command.add_argument("--no-playback", action="store_true",
                          help="do not play (no audio device or PortAudio needed); use with --out")
@@ -118,6 +125,13 @@ def _session_options(command: argparse.ArgumentParser) -> None:
     group.add_argument("--fill", type=float, default=0.2, help="seconds buffered before playback starts")
     group.add_argument("--latency", default="high", help="device latency: low, high or seconds")
     group.add_argument("--blocksize", type=int, default=0, help="device block size (default: the host's)")
+
+
+def _weights_argument(spec: str) -> list[tuple[str, float]]:
+    try:
+        return parse_weights(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -147,7 +161,8 @@ def open_session(args: argparse.Namespace, client: MusicGenClient, seconds: floa
     if args.continue_from:
         audio_prompt, rate = read_wav(args.continue_from)
         audio_prompt = audio_prompt[-int(info.max_audio_prompt_seconds * rate):]
-    return client.open_session(args.prompt, sampling=_sampling(args), seconds=seconds, sample_rate=sample_rate,
+    return client.open_session(args.prompt, prompts=args.weights, sampling=_sampling(args), seconds=seconds,
+                               sample_rate=sample_rate,
                                encoding=args.encoding, chunk_frames=args.chunk_frames, lookahead=args.lookahead,
                                max_lead_seconds=args.lead, unpaced=unpaced, audio_prompt=audio_prompt,
                                audio_prompt_rate=rate, client_name=PROG)
@@ -282,7 +297,32 @@ def cmd_play(args: argparse.Namespace) -> int:
 
 
 LIVE_HELP = ("type a prompt and press Enter to steer; commands: :pause  :resume  :feed FILE.wav  "
-             ":prompt TEXT  :quit")
+             ":prompt TEXT  :weights TEXT=W | TEXT=W  :quit")
+
+_WEIGHTED = re.compile(r"\s*([^=|,]+?)\s*=\s*([^\s|,]+)\s*[|,]?")
+
+
+def parse_weights(spec: str) -> list[tuple[str, float]]:
+    """'warm lofi=0.7 | dark techno=0.3' (or 'a=0.7 b=0.3', or commas) -> [(text, weight), ...]. Texts may not
+    contain '=', '|' or ','. Weights are checked here as the server would (finite, >= 0, one > 0), so a typo in
+    a live session is a message, not the end of the session; the server normalises them."""
+    pairs, position = [], 0
+    for match in _WEIGHTED.finditer(spec):
+        if match.start() != position:
+            break
+        try:
+            pairs.append((match.group(1), float(match.group(2))))
+        except ValueError:
+            raise ValueError(f"weights: {match.group(2)!r} is not a number (in {match.group(0).strip()!r})") from None
+        position = match.end()
+    if not pairs or spec[position:].strip():
+        raise ValueError(f"weights: expected TEXT=WEIGHT pairs, e.g. 'warm lofi=0.7 | dark techno=0.3', got {spec!r}")
+    for text, weight in pairs:
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weights: {text!r} has weight {weight:g}; weights are finite and >= 0")
+    if not any(weight > 0 for _, weight in pairs):
+        raise ValueError("weights: at least one weight must be > 0")
+    return pairs
 
 
 def cmd_live(args: argparse.Namespace) -> int:
@@ -351,6 +391,14 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
     elif line.startswith(":prompt "):
         session.set_prompt(line[len(":prompt "):])
         progress.message(f"prompt sent: {line[len(':prompt '):]!r}")
+    elif line.startswith(":weights "):
+        try:
+            pairs = parse_weights(line[len(":weights "):])
+        except ValueError as error:
+            progress.message(str(error))
+        else:
+            session.set_prompt(prompts=pairs)
+            progress.message("prompts sent: " + " | ".join(f"{text}={weight:g}" for text, weight in pairs))
     elif line in (":help", ":h", "?"):
         progress.message(LIVE_HELP)
     elif line.startswith(":"):
@@ -378,7 +426,10 @@ COMMANDS = {"play": cmd_play, "live": cmd_live, "info": cmd_info, "devices": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "weights", None) and args.prompt:
+        parser.error("give a PROMPT or --weights, not both")
     if getattr(args, "no_playback", False) and not args.out:
         print(f"{PROG}: warning: --no-playback without --out: the audio goes nowhere", file=sys.stderr)
     try:

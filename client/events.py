@@ -106,6 +106,7 @@ class Started:
     audio_prompt_frames: int
     prompt: str
     paused: bool
+    prompts: tuple[tuple[str, float], ...] = ()  # (text, normalised weight) in effect at the start
 
     @property
     def duration_samples(self) -> int | None:
@@ -126,6 +127,7 @@ class AudioChunk:
     sampling: Sampling
     codes: np.ndarray | None = None  # (frames, codebooks) int64, with return_codes only
     realtime_factor: float = 0.0  # the session's running real-time factor on the server (0: not yet measured)
+    prompts: tuple[tuple[str, float], ...] = ()  # (text, normalised weight) of that revision
 
     @property
     def sample_count(self) -> int:
@@ -199,6 +201,7 @@ class ModelInfo:
     stall_timeout_seconds: float  # a session waiting at its lead this long with no ack ends (DEADLINE_EXCEEDED)
     unpaced_lead_seconds: float
     engine_realtime_factor: float  # the server's headroom: > 1 keeps up (0 before its first step)
+    max_prompts: int  # most weighted prompts a session may have at once
     default_sampling: Sampling
     server_version: str
     device: str
@@ -259,6 +262,10 @@ def encode_interleaved_pcm(audio: np.ndarray, encoding: Encoding = Encoding.FLOA
     return np.ascontiguousarray(audio, dtype="<f4").tobytes()
 
 
+def _prompts_from_pb(entries) -> tuple[tuple[str, float], ...]:
+    return tuple((entry.text, entry.weight) for entry in entries)
+
+
 def started_from_pb(message: pb.Started) -> Started:
     latency = message.latency
     return Started(
@@ -272,7 +279,8 @@ def started_from_pb(message: pb.Started) -> Started:
         decoder_lookahead_frames=message.decoder_lookahead_frames, exact_decoding=message.exact_decoding,
         max_lead_seconds=message.max_lead_seconds, unpaced=message.unpaced,
         duration_frames=message.duration_frames if message.HasField("duration_frames") else None,
-        audio_prompt_frames=message.audio_prompt_frames, prompt=message.prompt, paused=message.paused)
+        audio_prompt_frames=message.audio_prompt_frames, prompt=message.prompt, paused=message.paused,
+        prompts=_prompts_from_pb(message.prompts))
 
 
 def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:
@@ -291,7 +299,7 @@ def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:
                           frame_count=chunk.frame_count, audio=decode_interleaved_pcm(chunk.pcm, encoding, channels),
                           prompt=chunk.prompt, prompt_revision=chunk.prompt_revision,
                           sampling=Sampling.from_pb(chunk.sampling), codes=codes,
-                          realtime_factor=chunk.realtime_factor)
+                          realtime_factor=chunk.realtime_factor, prompts=_prompts_from_pb(chunk.prompts))
     if kind == "notice":
         notice = message.notice
         return Notice(kind=_NOTICE_KINDS.get(notice.kind, NoticeKind.OTHER), frame=notice.frame, sample=notice.sample,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import fields as fields_of
 
@@ -57,6 +57,7 @@ class StartOptions:
     """Everything a session start carries, in Python terms (see StartSession in the protocol)."""
 
     prompt: str = ""
+    prompts: "PromptWeights | None" = None  # several texts with weights instead of `prompt`
     sampling: Sampling = Sampling()
     seconds: float | None = None
     frames: int | None = None
@@ -98,6 +99,8 @@ class StartOptions:
                                 start_paused=self.start_paused, return_codes=self.return_codes,
                                 client_name=self.client_name, context_frames=self.context_frames,
                                 reprime_keep_frames=self.reprime_keep_frames)
+        if self.prompts is not None:
+            start.prompts.extend(weighted_prompts(self.prompts))
         if self.seconds is not None and self.frames is not None:
             raise ValueError("give seconds or frames, not both")
         if self.seconds is not None:
@@ -126,10 +129,24 @@ def start_message(prompt: str, options: StartOptions | None, fields: dict,
     return StartOptions.build(prompt, options, **fields).to_pb(max_message_bytes)
 
 
-def set_prompt_request(text: str | None, sampling: Sampling) -> pb.SessionRequest:
+PromptWeights = Mapping[str, float] | Sequence[tuple[str, float]]
+
+
+def weighted_prompts(prompts: PromptWeights) -> list[pb.WeightedPrompt]:
+    """{text: weight} or [(text, weight), ...] -> the protocol's entries (the server validates and normalises)."""
+    pairs = list(prompts.items()) if isinstance(prompts, Mapping) else list(prompts)
+    return [pb.WeightedPrompt(text=str(text), weight=float(weight)) for text, weight in pairs]
+
+
+def set_prompt_request(text: str | None, sampling: Sampling,
+                       prompts: PromptWeights | None = None) -> pb.SessionRequest:
     change = pb.SetPrompt()
+    if text is not None and prompts is not None:
+        raise ValueError("give text or prompts, not both")
     if text is not None:
         change.text = text
+    if prompts is not None:
+        change.prompts.extend(weighted_prompts(prompts))
     if not sampling.is_empty():
         change.sampling.CopyFrom(sampling.to_pb())
     return pb.SessionRequest(set_prompt=change)

@@ -57,13 +57,15 @@ class SessionControl(EventTracker):
             self._requests_open = False
             self._enqueue(_END)
 
-    def set_prompt(self, text: str | None = None, *, guidance_scale: float | None = None,
-                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                   greedy: bool | None = None, seed: int | None = None) -> None:
-        """New text prompt (None keeps the current one, "" is unconditional) and/or sampling fields (None keeps
-        each); applies from the next decoder step. A Notice(PROMPT_APPLIED) reports the frame."""
+    def set_prompt(self, text: str | None = None, *, prompts: rq.PromptWeights | None = None,
+                   guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None) -> None:
+        """New text prompt (None keeps the current one, "" is unconditional), or `prompts`, several texts with
+        weights ({text: weight} or [(text, weight)]; the server normalises them to sum 1), and/or sampling
+        fields (None keeps each); applies from the next decoder step. A Notice(PROMPT_APPLIED) reports the
+        frame."""
         sampling = Sampling(guidance_scale, temperature, top_k, top_p, greedy, seed)
-        self._send(rq.set_prompt_request(text, sampling))
+        self._send(rq.set_prompt_request(text, sampling, prompts))
 
     def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False) -> None:
         """Continue from this audio ((samples,) or (samples, channels) float in [-1, 1], or int16), e.g. the bar

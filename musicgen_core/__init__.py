@@ -10,8 +10,9 @@ apply_gomp_policy()  # before anything imports torch: libgomp reads its settings
 from .config import CheckpointError, MusicGenConfig
 from .generation import SequenceState, StepResult, step_sequences
 from .model import GenerationOutput, MusicGen, TextConditioning
+from .prompts import MAX_PROMPTS, WeightedPrompts
 from .sampling import SamplingParams
 from .tokenizer import PromptTooLongError
 
-__all__ = ["CheckpointError", "GenerationOutput", "MusicGen", "MusicGenConfig", "PromptTooLongError",
-           "SamplingParams", "SequenceState", "StepResult", "TextConditioning", "step_sequences"]
+__all__ = ["CheckpointError", "GenerationOutput", "MAX_PROMPTS", "MusicGen", "MusicGenConfig", "PromptTooLongError",
+           "SamplingParams", "SequenceState", "StepResult", "TextConditioning", "WeightedPrompts", "step_sequences"]

@@ -200,7 +200,8 @@ class MusicgenDecoder(nn.Module):
         weights = [linear.weight for layer in self.layers[:4] for linear in
                    (layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
                     layer.encoder_attn.out_proj, layer.fc1, layer.fc2)]
-        transposed, kernel_rows = calibrate_linear(weights, rows_options=(1, 2, 4, 6, 8), kernel=kernel)
+        # 3 and 5: one session with 2 or 4 weighted prompts under guidance
+        transposed, kernel_rows = calibrate_linear(weights, rows_options=(1, 2, 3, 4, 5, 6, 8), kernel=kernel)
         self.use_linear_forms(transposed, kernel_rows, kernel)
 
     def use_linear_forms(self, transposed_rows: frozenset[int], kernel_rows: frozenset[int] = frozenset(),

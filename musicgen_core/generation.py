@@ -27,6 +27,7 @@ class SequenceState:
     params: SamplingParams
     generator: torch.Generator
     steps: int = 0
+    prompt_weights: tuple[float, ...] = (1.0,)  # normalised, one per conditional row (prompts.py)
     extra: dict = field(default_factory=dict)  # room for the caller's bookkeeping (e.g. the session's id)
 
     @property
@@ -93,7 +94,7 @@ def _sample(states: list[SequenceState], logits: list[torch.Tensor]) -> list[Ste
 
 
 def _sample_one(state: SequenceState, value: torch.Tensor) -> StepResult:
-    tokens = choose_tokens(value, state.params, state.generator)
+    tokens = choose_tokens(value, state.params, state.generator, state.prompt_weights)
     index = state.grid.next_column
     column = state.grid.place(tokens.cpu())
     state.steps += 1

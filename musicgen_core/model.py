@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import MusicGenConfig
 from .cpu import has_bf16
@@ -157,20 +159,25 @@ class MusicGen:
         return [TextConditioning(t, hidden_by_text[t]) if t else TextConditioning(None, None) for t in texts]
 
     @torch.inference_mode()
-    def cross_attention(self, conditioning: TextConditioning, guidance: bool) -> CrossAttentionKV:
-        """Rows: [conditional] or [conditional, unconditional]. The unconditional row attends to nothing
-        (zero states, fully masked), which is transformers' null conditioning."""
+    def cross_attention(self, conditioning: TextConditioning | Sequence[TextConditioning],
+                        guidance: bool) -> CrossAttentionKV:
+        """Rows: one conditional row per conditioning (weighted prompts), then the unconditional row under
+        guidance. The unconditional row attends to nothing (zero states, fully masked), which is transformers'
+        null conditioning; prompts of different lengths are padded with masked zero states."""
+        if isinstance(conditioning, TextConditioning):
+            conditioning = [conditioning]
         width = self.config.decoder.hidden_size
-        if conditioning.hidden is None:
-            hidden = torch.zeros(1, width, dtype=self.dtype, device=self.device)
-            mask = torch.zeros(1, dtype=torch.long, device=self.device)
-        else:
-            hidden = conditioning.hidden
-            mask = torch.ones(hidden.shape[0], dtype=torch.long, device=self.device)
-        hiddens, masks = [hidden], [mask]
+        hiddens = [torch.zeros(1, width, dtype=self.dtype, device=self.device) if c.hidden is None else c.hidden
+                   for c in conditioning]
+        masks = [torch.zeros(1, dtype=torch.long, device=self.device) if c.hidden is None
+                 else torch.ones(c.hidden.shape[0], dtype=torch.long, device=self.device) for c in conditioning]
         if guidance:
-            hiddens.append(torch.zeros_like(hidden))
-            masks.append(torch.zeros_like(mask))
+            hiddens.append(torch.zeros_like(hiddens[0]))
+            masks.append(torch.zeros_like(masks[0]))
+        longest = max(h.shape[0] for h in hiddens)
+        if any(h.shape[0] != longest for h in hiddens):
+            hiddens = [F.pad(h, (0, 0, 0, longest - h.shape[0])) for h in hiddens]
+            masks = [F.pad(m, (0, longest - m.shape[0])) for m in masks]
         return self.decoder.cross_attention_kv(torch.stack(hiddens), torch.stack(masks))
 
     # -- audio --------------------------------------------------------------------------------------------
@@ -203,11 +210,17 @@ class MusicGen:
 
     # -- generation ---------------------------------------------------------------------------------------
 
-    def start_sequence(self, conditioning: TextConditioning, params: SamplingParams,
+    def start_sequence(self, conditioning: TextConditioning | Sequence[TextConditioning], params: SamplingParams,
                        prompt_codes: torch.Tensor | None = None, total_frames: int | None = None,
-                       capacity: int | None = None) -> SequenceState:
+                       capacity: int | None = None, weights: Sequence[float] | None = None) -> SequenceState:
         """A fresh sequence: `total_frames` counts prompt frames too (None = unbounded); `capacity` is the
-        number of decoder positions to allocate (default: what total_frames needs, else the whole window)."""
+        number of decoder positions to allocate (default: what total_frames needs, else the whole window).
+        Several conditionings are weighted prompts, `weights` their normalised weights (prompts.py)."""
+        if isinstance(conditioning, TextConditioning):
+            conditioning = [conditioning]
+        weights = tuple(weights) if weights is not None else (1.0,) * len(conditioning)
+        if len(weights) != len(conditioning):
+            raise ValueError(f"{len(weights)} weights for {len(conditioning)} prompts")
         decoder_config = self.config.decoder
         if prompt_codes is None:
             prompt_codes = torch.zeros(decoder_config.num_codebooks, 0, dtype=torch.long)
@@ -219,12 +232,12 @@ class MusicGen:
                              f"(at most {max_frames(limit, decoder_config.delays)} frames per sequence)")
         if prompt_codes.shape[1] + 1 >= capacity:
             raise ValueError(f"audio prompt of {prompt_codes.shape[1]} frames leaves no room in {capacity} positions")
-        rows = 2 if params.uses_guidance else 1
+        rows = len(conditioning) + (1 if params.uses_guidance else 0)
         grid = DelayGrid.start(prompt_codes.cpu(), decoder_config.delays, decoder_config.pad_token_id,
                                capacity, total_frames)
         return SequenceState(grid=grid, cache=self.decoder.allocate_cache(rows, capacity),
                              cross=self.cross_attention(conditioning, params.uses_guidance), params=params,
-                             generator=make_generator(params.seed, self.device))
+                             generator=make_generator(params.seed, self.device), prompt_weights=weights)
 
     @torch.inference_mode()
     def step(self, states: list[SequenceState], max_prefill_columns: int | None = None,

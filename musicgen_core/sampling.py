@@ -56,17 +56,32 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return generator
 
 
-def guided_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits: (rows, codebooks, vocab) with rows = [conditional, unconditional] under guidance."""
-    if logits.shape[0] == 2:
-        conditional, unconditional = logits[0], logits[1]
-        return unconditional + (conditional - unconditional) * params.guidance_scale
-    return logits[0]
+def guided_logits(logits: torch.Tensor, params: SamplingParams,
+                  weights: tuple[float, ...] | None = None) -> torch.Tensor:
+    """logits: (rows, codebooks, vocab) with rows = [conditional_1 .. conditional_n, unconditional] under
+    guidance, [conditional_1 .. conditional_n] without; weights: the prompts' normalised weights (None = one
+    prompt). The rule and why: `prompts.py`. One prompt is transformers' guidance expression, as written."""
+    weights = weights or (1.0,)
+    conditional = logits.shape[0] - 1 if params.uses_guidance else logits.shape[0]
+    if conditional != len(weights):
+        raise ValueError(f"{logits.shape[0]} rows of logits for {len(weights)} prompts")
+    if not params.uses_guidance:
+        if len(weights) == 1:
+            return logits[0]
+        return sum(logits[i] * weight for i, weight in enumerate(weights))
+    unconditional = logits[-1]
+    pull = logits[0] - unconditional
+    if len(weights) > 1:
+        pull = pull * weights[0]
+        for i in range(1, len(weights)):
+            pull = pull + (logits[i] - unconditional) * weights[i]
+    return unconditional + pull * params.guidance_scale
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                  weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """(rows, codebooks, vocab) float32 logits -> (codebooks,) token ids."""
-    scores = guided_logits(logits, params)
+    scores = guided_logits(logits, params, weights)
     if params.greedy:
         return scores.argmax(dim=-1)
     scores = scores / params.temperature

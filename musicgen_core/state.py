@@ -13,7 +13,8 @@ import torch
 
 @dataclass
 class KVCache:
-    """Self-attention keys and values for every layer of one sequence's rows (conditional [, unconditional]).
+    """Self-attention keys and values for every layer of one sequence's rows (one conditional row a prompt
+    [, unconditional]).
 
     keys, values: (layers, rows, heads, capacity, head_dim), preallocated; `length` positions are valid. An int8
     cache keeps each head vector as int8 with a float scale (key_scales, value_scales: (layers, rows, heads,
@@ -52,6 +53,13 @@ class KVCache:
     def nbytes(self) -> int:
         scales = 0 if self.key_scales is None else self.key_scales.numel() * self.key_scales.element_size() * 2
         return self.keys.numel() * self.keys.element_size() * 2 + scales
+
+    def select_rows(self, rows: list[int]) -> "KVCache":
+        """A cache of these rows, in this order (a row may repeat): the history a new set of prompts continues."""
+        index = torch.tensor(rows, device=self.keys.device)
+        scales = (None, None) if self.key_scales is None else (self.key_scales.index_select(1, index),
+                                                               self.value_scales.index_select(1, index))
+        return KVCache(self.keys.index_select(1, index), self.values.index_select(1, index), self.length, *scales)
 
     def clone(self) -> "KVCache":
         scales = (None, None) if self.key_scales is None else (self.key_scales.clone(), self.value_scales.clone())

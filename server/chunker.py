@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from musicgen_core import SamplingParams
+from musicgen_core import SamplingParams, WeightedPrompts
 
 from .events import AudioChunk
 
@@ -24,13 +24,13 @@ class Revision:
 
     number: int
     from_frame: int
-    text: str
+    prompts: WeightedPrompts
     params: SamplingParams
 
 
 class Chunker:
     def __init__(self, codebooks: int, channels: int, samples_per_frame: int, output_rate: int, chunk_frames: int,
-                 lead_seconds: float | None, text: str, params: SamplingParams):
+                 lead_seconds: float | None, prompts: WeightedPrompts, params: SamplingParams):
         self.samples_per_frame = samples_per_frame
         self.chunk_frames = chunk_frames
         # Paced: the client's acks hold the session at this lead; unpaced: the transport's delivery acks do.
@@ -38,7 +38,7 @@ class Chunker:
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved frames not yet in a chunk
         self.unsent_pcm = np.zeros((channels, 0), dtype=np.float32)  # their final audio so far
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
-        self.revisions = [Revision(0, 0, text, params)]
+        self.revisions = [Revision(0, 0, prompts, params)]
         self.chunk_index = 0  # AudioChunk.sequence of the next chunk
         self.frames_sent = 0
         self.acked_samples = 0
@@ -63,9 +63,9 @@ class Chunker:
         """A chunk must start at `frame` (it ends the one before early)."""
         self.boundaries.append(frame)
 
-    def revise(self, from_frame: int, text: str, params: SamplingParams) -> Revision:
+    def revise(self, from_frame: int, prompts: WeightedPrompts, params: SamplingParams) -> Revision:
         """A new prompt revision from `from_frame` on; a chunk starts there, so one label fits all its frames."""
-        revision = Revision(self.revision.number + 1, from_frame, text, params)
+        revision = Revision(self.revision.number + 1, from_frame, prompts, params)
         self.revisions.append(revision)
         self.cut_at(from_frame)
         return revision
@@ -115,8 +115,8 @@ class Chunker:
         revision = [r for r in self.revisions if r.from_frame <= first][-1]
         chunk = AudioChunk(sequence=self.chunk_index, start_sample=self.samples_sent, first_frame=first,
                            frame_count=count, pcm=self.unsent_pcm[:, :samples],
-                           codes=self.unsent_codes[:, :count].numpy(), prompt=revision.text,
-                           prompt_revision=revision.number, params=revision.params)
+                           codes=self.unsent_codes[:, :count].numpy(), prompt=revision.prompts.label,
+                           prompt_revision=revision.number, params=revision.params, prompts=revision.prompts)
         self.unsent_pcm = self.unsent_pcm[:, samples:]
         self.unsent_codes = self.unsent_codes[:, count:]
         self.boundaries = [b for b in self.boundaries if b > first + count]

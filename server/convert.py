@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
-from musicgen_core import MusicGen, PromptTooLongError, SamplingParams
+from musicgen_core import MusicGen, PromptTooLongError, SamplingParams, WeightedPrompts
+from musicgen_core.prompts import PromptSetError
 from musicgen_core.streaming_codec import decoder_lookahead_samples
 
 from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
@@ -48,6 +49,20 @@ def check_text(model: MusicGen, text: str, field: str) -> str:
     except PromptTooLongError as error:
         raise SpecError(field, str(error)) from None
     return text
+
+
+def prompts_from_pb(model: MusicGen, entries, field: str) -> WeightedPrompts:
+    """Repeated WeightedPrompt -> validated, normalised prompts; SpecError naming the entry's field."""
+    for index, entry in enumerate(entries):
+        check_text(model, entry.text, f"{field}[{index}].text")
+    try:
+        return WeightedPrompts.of([(entry.text, entry.weight) for entry in entries], field)
+    except PromptSetError as error:
+        raise SpecError(error.field, error.detail) from None
+
+
+def prompts_to_pb(prompts: WeightedPrompts) -> list[pb.WeightedPrompt]:
+    return [pb.WeightedPrompt(text=text, weight=weight) for text, weight in zip(prompts.texts, prompts.weights)]
 
 
 def exact_lookahead_frames(model: MusicGen) -> int:
@@ -129,6 +144,11 @@ def audio_for_model(model: MusicGen, audio: np.ndarray, rate: int, field: str,
 
 def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field: str = "start") -> SessionSpec:
     text = check_text(model, start.prompt, f"{field}.prompt")
+    prompts = None
+    if start.prompts:
+        if text:
+            raise SpecError(f"{field}.prompts", "give prompt or prompts, not both")
+        prompts = prompts_from_pb(model, start.prompts, f"{field}.prompts")
     params = sampling_from_pb(model, start.sampling, model.default_sampling(), f"{field}.sampling")
     if params.seed is None:  # pick one, so Started can report it and the session can be replayed
         params = replace(params, seed=secrets.randbits(SERVER_SEED_BITS))
@@ -171,7 +191,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
         delivery_lead_seconds=UNPACED_LEAD_SECONDS if unpaced else None,
         client_name=start.client_name, context_frames=start.context_frames,
-        reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced)
+        reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced, prompts=prompts)
 
 
 def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field: str) -> int | None:
@@ -223,7 +243,8 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
                               pcm=encode_planar_pcm(map_channels(event.pcm, spec.output_channels), spec.encoding),
                               prompt=event.prompt, prompt_revision=event.prompt_revision,
                               sampling=sampling_to_pb(event.params),
-                              realtime_factor=event.realtime_factor or 0.0)
+                              realtime_factor=event.realtime_factor or 0.0,
+                              prompts=prompts_to_pb(event.prompts or WeightedPrompts.single(event.prompt)))
         if return_codes:
             chunk.codes.extend(event.codes.T.reshape(-1).tolist())
         return pb.SessionEvent(audio=chunk)
@@ -265,7 +286,8 @@ def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
         sampling=sampling_to_pb(spec.params), chunk_frames=spec.chunk_frames,
         decoder_lookahead_frames=event.lookahead_frames, exact_decoding=event.exact_decoding,
         max_lead_seconds=spec.max_lead_seconds or 0.0, unpaced=spec.max_lead_seconds is None,
-        audio_prompt_frames=event.prompt_frames, prompt=spec.text or "", paused=event.paused)
+        audio_prompt_frames=event.prompt_frames, prompt=spec.weighted_prompts.label, paused=event.paused,
+        prompts=prompts_to_pb(spec.weighted_prompts))
     if spec.total_frames is not None:
         message.duration_frames = spec.total_frames
     return message

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from musicgen_core import MusicGen, SamplingParams
+from musicgen_core import MusicGen, SamplingParams, WeightedPrompts
 
 from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
@@ -89,11 +89,11 @@ class Open(Command):
 
 @dataclass(frozen=True)
 class SetPrompt(Command):
-    text: str | None
+    prompts: WeightedPrompts | None  # None = keep the prompts (change sampling only)
     params: SamplingParams | None
 
     def apply(self, engine: "Engine") -> None:
-        self.session.set_prompt(self.text, self.params)
+        self.session.set_prompt(self.prompts, self.params)
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,16 @@ class SessionHandle:
         self.id = session.id
         self.params = session.params  # the latest sampling asked for (changes compose across set_prompt)
 
-    def set_prompt(self, text: str | None, params: SamplingParams | None = None) -> None:
+    def set_prompt(self, text: str | None = None, params: SamplingParams | None = None, *,
+                   prompts: WeightedPrompts | None = None) -> None:
+        """A new text (or `prompts`, several weighted texts) and/or sampling; None keeps what is in effect."""
+        if text is not None and prompts is not None:
+            raise ValueError("give text or prompts, not both")
         if params is not None:
             self.params = params
-        self._engine.submit(SetPrompt(self._session, text, params))
+        if text is not None:
+            prompts = WeightedPrompts.single(text)
+        self._engine.submit(SetPrompt(self._session, prompts, params))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:
         """audio: (channels, samples) float32 at the model's rate."""

@@ -7,7 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-from musicgen_core import SamplingParams
+from musicgen_core import SamplingParams, WeightedPrompts
 
 
 class SpecError(ValueError):
@@ -33,7 +33,7 @@ class Encoding(Enum):
 
 @dataclass(frozen=True)
 class SessionSpec:
-    text: str | None  # None or '' = unconditional
+    text: str | None  # None or '' = unconditional; `prompts` instead for several weighted texts
     params: SamplingParams
     total_frames: int | None = None  # new frames to generate; None = unbounded
     audio_prompt: np.ndarray | None = None  # (channels, samples) float32 at the model's rate
@@ -50,6 +50,11 @@ class SessionSpec:
     context_frames: int = 0  # 0 = the engine's window
     reprime_keep_frames: int = 0  # 0 = the engine's default
     start_paused: bool = False
+    prompts: WeightedPrompts | None = None  # several texts with weights (text is then None)
+
+    @property
+    def weighted_prompts(self) -> WeightedPrompts:
+        return self.prompts if self.prompts is not None else WeightedPrompts.single(self.text)
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,11 @@ class AudioChunk:
     frame_count: int
     pcm: np.ndarray  # (channels, samples) float32
     codes: np.ndarray  # (codebooks, frame_count) int64: the frames this chunk fed to the codec
-    prompt: str
+    prompt: str  # the text, or `text=weight | ...` for weighted prompts
     prompt_revision: int
     params: SamplingParams
     realtime_factor: float | None = None  # the session's running figure when sent (headroom.py)
+    prompts: WeightedPrompts | None = None  # the texts and normalised weights in effect
 
 
 class NoticeKind(Enum):

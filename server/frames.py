@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from musicgen_core import MusicGen, SamplingParams, SequenceState, StepResult, TextConditioning
+from musicgen_core import MusicGen, SamplingParams, SequenceState, StepResult, TextConditioning, WeightedPrompts
 from musicgen_core.delay import build_delayed, columns_for, max_frames
 
 
@@ -53,12 +53,12 @@ class FrameSource:
     completes, in the same forward as the session's own step (one pass over the weights for both). At the
     re-prime only the last column or two are left to read: no prefill stall, for this session or the others.
     A text change drops the prepared cache (it was computed under the old text); it is rebuilt from the
-    frames known, a chunk per step."""
+    frames known, a chunk per step. A change of weights alone keeps it (weights act after the decoder)."""
 
-    def __init__(self, model: MusicGen, limits: Limits, text: str, params: SamplingParams,
+    def __init__(self, model: MusicGen, limits: Limits, prompts: WeightedPrompts, params: SamplingParams,
                  total_frames: int | None, encode_text: Callable[[str], TextConditioning]):
         self.model, self.limits, self.encode_text = model, limits, encode_text
-        self.text, self.params = text, params
+        self.prompts, self.params = prompts, params
         self.total_frames = total_frames  # new frames to generate; None = unbounded
         self.state: SequenceState | None = None
         self.generator: torch.Generator | None = None  # one per session, carried across re-primes
@@ -121,8 +121,8 @@ class FrameSource:
             return None
         if self.next is None:
             total, capacity = self._shape(keep, first + keep)
-            self.next = self.model.start_sequence(self.encode_text(self.text), self.params, None,
-                                                  total_frames=total, capacity=capacity)
+            self.next = self.model.start_sequence(self._conditioning(), self.params, None, total_frames=total,
+                                                  capacity=capacity, weights=self.prompts.weights)
         done = self.next.cache.length
         stop = min(known, done + most)  # column `keep` is left to the new sequence's first step, which samples
         if stop <= done:
@@ -132,9 +132,10 @@ class FrameSource:
         columns = build_delayed(prompt, decoder.delays, decoder.pad_token_id, stop)[:, done:stop]
         return self.next, columns
 
-    def set_prompt(self, text: str | None, params: SamplingParams | None) -> int:
-        """New text and/or sampling from the next column; the self-attention cache is kept. -> the first frame
-        with any code sampled under the change (earlier frames are untouched)."""
+    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None) -> int:
+        """New prompts (texts, weights) and/or sampling from the next column; the self-attention cache is kept
+        (a new set of prompts continues the rows `WeightedPrompts.rows_from` names). -> the first frame with any
+        code sampled under the change (earlier frames are untouched)."""
         if params is not None:
             if params.uses_guidance != self.params.uses_guidance:
                 raise ValueError("sampling.guidance_scale: cannot switch guidance on or off mid-session")
@@ -142,10 +143,17 @@ class FrameSource:
                 self.generator.manual_seed(params.seed)
             self.params = params
             self.state.params = params
-        if text is not None:
-            self.text = text
-            self.state.cross = self.model.cross_attention(self.encode_text(text), self.params.uses_guidance)
-            self.next = None  # its cache was computed under the old text
+        if prompts is not None:
+            before, self.prompts = self.prompts, prompts
+            if prompts.texts != before.texts:
+                rows = prompts.rows_from(before) + ([len(before)] if self.params.uses_guidance else [])
+                if rows != list(range(self.state.cache.rows)):
+                    self.state.cache = self.state.cache.select_rows(rows)
+                self.state.cross = self.model.cross_attention(self._conditioning(), self.params.uses_guidance)
+                self.next = None  # its cache was computed under the old texts
+            for state in (self.state, self.next):
+                if state is not None:
+                    state.prompt_weights = prompts.weights
         return self.frame_offset + self.state.grid.first_frame_of_next_column()
 
     def append(self, codes: torch.Tensor, replace_context: bool) -> None:
@@ -174,9 +182,12 @@ class FrameSource:
     def _start_sequence(self, prompt_codes: torch.Tensor | None) -> None:
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
         total, capacity = self._shape(prompt_frames, self.frames_done)
-        self.state = self.model.start_sequence(self.encode_text(self.text), self.params, prompt_codes,
-                                               total_frames=total, capacity=capacity)
+        self.state = self.model.start_sequence(self._conditioning(), self.params, prompt_codes, total_frames=total,
+                                               capacity=capacity, weights=self.prompts.weights)
         if self.generator is None:
             self.generator = self.state.generator
         self.state.generator = self.generator  # a seeded session stays one reproducible stream
         self.frame_offset = self.frames_done - prompt_frames
+
+    def _conditioning(self) -> list[TextConditioning]:
+        return [self.encode_text(text) for text in self.prompts.texts]

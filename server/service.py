@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from musicgen.v1 import musicgen_pb2 as pb
+from musicgen_core.prompts import MAX_PROMPTS
 from musicgen_core.quantize import quantization_backend
 
 from . import convert
@@ -88,7 +89,7 @@ class MusicGenService:
             exact_decoder_lookahead_frames=exact, max_sessions=self.engine.config.max_sessions,
             active_sessions=self.engine.active_sessions,
             supported_output_sample_rates=sorted({config.sampling_rate, *convert.SUPPORTED_OUTPUT_RATES}),
-            max_text_tokens=self.model.tokenizer.max_tokens, max_message_bytes=self.max_message_bytes,
+            max_text_tokens=self.model.tokenizer.max_tokens, max_prompts=MAX_PROMPTS, max_message_bytes=self.max_message_bytes,
             max_audio_prompt_seconds=convert.MAX_AUDIO_PROMPT_SECONDS,
             default_chunk_frames=convert.DEFAULT_CHUNK_FRAMES, max_chunk_frames=convert.MAX_CHUNK_FRAMES,
             default_max_lead_seconds=convert.DEFAULT_LEAD_SECONDS, max_lead_seconds=convert.MAX_LEAD_SECONDS,
@@ -165,7 +166,7 @@ class MusicGenService:
 
         handle = await self._open(spec, sink, context, root)
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,
-                 spec.text, spec.total_frames, spec.max_lead_seconds is not None)
+                 spec.weighted_prompts.label, spec.total_frames, spec.max_lead_seconds is not None)
         paced = spec.max_lead_seconds is not None
         progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged
         reader = (asyncio.create_task(self._read(requests, handle, queue, progress, paced))
@@ -264,9 +265,13 @@ class MusicGenService:
             handle.stop()
         elif kind == "set_prompt":
             change = message.set_prompt
-            text = None
+            text, prompts = None, None
             if change.HasField("text"):
                 text = convert.check_text(self.model, change.text, "set_prompt.text")
+            if change.prompts:
+                if text is not None:
+                    raise SpecError("set_prompt.prompts", "give text or prompts, not both")
+                prompts = convert.prompts_from_pb(self.model, change.prompts, "set_prompt.prompts")
             params = None
             if change.HasField("sampling"):
                 current = handle.params
@@ -274,7 +279,7 @@ class MusicGenService:
                 if params.uses_guidance != current.uses_guidance:
                     raise SpecError("set_prompt.sampling.guidance_scale",
                                     "cannot switch guidance on or off mid-session (<= 1 vs > 1)")
-            handle.set_prompt(text, params)
+            handle.set_prompt(text, params, prompts=prompts)
         elif kind == "append_audio":
             await self._append(message.append_audio, handle, parts)
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from musicgen_core import MusicGen, SamplingParams, StepResult, TextConditioning
+from musicgen_core import MusicGen, SamplingParams, StepResult, TextConditioning, WeightedPrompts
 
 from .audio_out import AudioOut
 from .chunker import Chunker
@@ -34,7 +34,7 @@ class Session:
         self.model = model
         self.limits = limits
         self.sink = sink
-        self.source = FrameSource(model, limits, spec.text or "", spec.params, spec.total_frames,
+        self.source = FrameSource(model, limits, spec.weighted_prompts, spec.params, spec.total_frames,
                                   encode_text or (lambda text: model.encode_text([text])[0]))
         self.audio: AudioOut | None = None  # made by begin(), with the chunker
         self.chunker: Chunker | None = None
@@ -61,7 +61,7 @@ class Session:
         self.audio = AudioOut(self.model, spec.lookahead_frames, spec.output_rate, spec.chunk_frames)
         lead = spec.max_lead_seconds if spec.max_lead_seconds is not None else spec.delivery_lead_seconds
         self.chunker = Chunker(config.decoder.num_codebooks, config.audio_channels, self.audio.samples_per_frame,
-                               self.audio.output_rate, spec.chunk_frames, lead, self.source.text, self.params)
+                               self.audio.output_rate, spec.chunk_frames, lead, self.source.prompts, self.params)
         prompt_codes = None
         if spec.audio_prompt is not None:  # the client has this audio: decode it only to warm the codec state
             prompt_codes = self.source.encode_audio(spec.audio_prompt)
@@ -133,11 +133,11 @@ class Session:
 
     # -- steering (applied between steps) ----------------------------------------------------------------
 
-    def set_prompt(self, text: str | None, params: SamplingParams | None) -> None:
+    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None) -> None:
         """New text and/or sampling from the next generated column. A chunk starts at the first frame with any
         code sampled under the change, labelled with the new revision."""
-        first = self.source.set_prompt(text, params)
-        revision = self.chunker.revise(first, self.source.text, self.params)
+        first = self.source.set_prompt(prompts, params)
+        revision = self.chunker.revise(first, self.source.prompts, self.params)
         self._send()
         self._notice(NoticeKind.PROMPT_APPLIED, first, f"prompt revision {revision.number} applies from frame {first}")
 

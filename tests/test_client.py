@@ -150,6 +150,37 @@ def test_live_mode_steers_from_stdin(server, tmp_path):
     assert pcm.shape[0] == total > frame * 640  # the WAV holds every sample sent, past the prompt change
 
 
+def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live",
+                                "--weights", "ambient pad=3 | dark techno=1", "--no-playback", "--lead", "0.5"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env)
+    try:
+        for line, pause in (("", 0.6), (":weights ambient pad=nan", 0.2), (":weights ambient pad=1, dark techno=1", 0.5),
+                            (":quit", 0.6)):
+            time.sleep(pause)
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    output = stdout + stderr
+    assert "'ambient pad' has weight nan" in output  # refused here: the session plays on
+    assert "prompts sent: ambient pad=1 | dark techno=1" in output
+    assert len([line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]) == 1
+    assert "finished: stopped" in output
+
+
+def test_weights_that_do_not_parse_are_a_usage_error(server):
+    result = run_cli("--server", server.address, "play", "--weights", "ambient pad=0 | dark techno=0",
+                     "--no-playback")
+    assert result.returncode == 2 and "at least one weight must be > 0" in result.stderr
+    result = run_cli("--server", server.address, "play", "lofi", "--weights", "a=1", "--no-playback")
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
 # -- the library -------------------------------------------------------------------------------------------
 
 def test_session_steering_from_another_thread(server):
@@ -194,6 +225,26 @@ def test_session_steering_from_another_thread(server):
     assert first_new.first_frame == applied.frame and first_new.prompt == "dark techno"
     assert first_new.sampling.temperature == pytest.approx(0.9)
     client.close()
+
+
+def test_weighted_prompts_through_the_library_report_their_normalised_weights(client):
+    session = client.open_session(prompts={"ambient pad": 3, "dark techno": 1}, sampling=GREEDY,
+                                  max_lead_seconds=0.3, chunk_frames=4)
+    chunks = []
+    with session:
+        for event in session:
+            if isinstance(event, AudioChunk):
+                chunks.append(event)
+                session.ack(event.end_sample)
+                if len(chunks) == 1:
+                    session.set_prompt(prompts=[("ambient pad", 1), ("dark techno", 1)])
+                if event.prompt_revision == 1:
+                    session.stop()
+    assert session.started.prompts == (("ambient pad", 0.75), ("dark techno", 0.25))
+    assert chunks[0].prompts == (("ambient pad", 0.75), ("dark techno", 0.25))
+    assert chunks[-1].prompts == (("ambient pad", 0.5), ("dark techno", 0.5))
+    assert chunks[-1].prompt == "ambient pad=0.5 | dark techno=0.5"
+    assert client.model_info().max_prompts == 4
 
 
 def test_generate_returns_chunks_and_metadata(client):

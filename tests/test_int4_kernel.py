@@ -26,7 +26,7 @@ def kernel():
 
 
 @pytest.mark.parametrize("group", INT4_GROUPS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 9, 15, 17])
 @pytest.mark.parametrize("out_features,in_features", [(64, 32), (37, 29), (512, 1024), (40, 300)])
 def test_kernel_equals_the_reference_arithmetic(isa_kernel, group, rows, out_features, in_features):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features + group)

@@ -46,7 +46,7 @@ def test_the_dispatcher_picks_the_kernel_for_each_flag_set(flags, isa):
     assert kernel_isa(flags) == isa
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 15, 17])
 @pytest.mark.parametrize("out_features,in_features", [(64, 32), (37, 29), (2048, 1024), (96, 4100)])
 def test_kernel_equals_the_reference_arithmetic(isa_kernel, rows, out_features, in_features):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from musicgen_core import MusicGen
+from musicgen_core import MusicGen, WeightedPrompts
 from server.engine import Engine, EngineConfig
 from server.events import AudioChunk, Finished, Notice, NoticeKind, SessionSpec
 from server.frames import FrameSource
@@ -22,8 +22,9 @@ def model(mono_checkpoint):
 
 
 def session_spec(model, frames: int, seed: int = 7, **fields) -> SessionSpec:
-    return SessionSpec(text="warm lofi beat", params=model.default_sampling(seed=seed), total_frames=frames,
-                       max_lead_seconds=None, **fields)
+    fields = {"text": "warm lofi beat", **fields}
+    return SessionSpec(params=model.default_sampling(seed=seed), total_frames=frames, max_lead_seconds=None,
+                       **fields)
 
 
 class ColumnsRead:
@@ -108,6 +109,31 @@ def test_a_text_change_while_the_next_sequence_is_prepared_still_gives_the_plain
         without_preparation(patch)
         plain = run(Engine(model, WINDOW), session_spec(model, 150), steer=steer)[0]
     assert np.array_equal(codes_of(prepared), codes_of(plain))
+
+
+def test_weighted_prompts_changing_while_the_next_sequence_is_prepared_give_the_plain_reprimes_codes(
+        model, monkeypatch):
+    """New weights keep the prepared cache (they act after the decoder); new texts drop it. Either way the codes
+    are those of re-primes that prefill at the switch, with three rows in the kernel's step."""
+    start = WeightedPrompts.of([("warm lofi beat", 0.6), ("dark techno with a long acid line", 0.4)])
+
+    def steer(turn, handles):
+        if turn == 30:
+            handles[0].set_prompt(prompts=start.with_weights((0.1, 0.9)))
+        if turn == 95:
+            handles[0].set_prompt(prompts=WeightedPrompts.of([("ambient pads", 1.0), ("warm lofi beat", 2.0)]))
+
+    spec = session_spec(model, 150, text=None, prompts=start)
+    prepared = run(Engine(model, WINDOW), spec, steer=steer)[0]
+    with monkeypatch.context() as patch:
+        without_preparation(patch)
+        plain = run(Engine(model, WINDOW), spec, steer=steer)[0]
+    assert reprimes_of(prepared) >= 4
+    assert np.array_equal(codes_of(prepared), codes_of(plain))
+    labels = {chunk.prompt for chunk in prepared if isinstance(chunk, AudioChunk)}
+    assert labels == {"warm lofi beat=0.6 | dark techno with a long acid line=0.4",
+                      "warm lofi beat=0.1 | dark techno with a long acid line=0.9",
+                      "ambient pads=0.333 | warm lofi beat=0.667"}
 
 
 def test_a_long_audio_prompt_is_read_a_chunk_per_turn_while_another_session_plays(model, monkeypatch):

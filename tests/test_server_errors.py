@@ -80,6 +80,18 @@ START_CASES = [
     ("output_channels", pb.StartSession(output=pb.AudioFormat(channels=3)), "start.output.channels"),
     ("lead", pb.StartSession(max_lead_seconds=1e9), "start.max_lead_seconds"),
     ("text_over_limit", pb.StartSession(prompt=TOO_LONG), "start.prompt"),
+    ("weight_negative", pb.StartSession(prompts=[pb.WeightedPrompt(text="a", weight=1.0),
+                                                 pb.WeightedPrompt(text="b", weight=-0.5)]), "start.prompts[1].weight"),
+    ("weight_nan", pb.StartSession(prompts=[pb.WeightedPrompt(text="a", weight=math.nan)]), "start.prompts[0].weight"),
+    ("weight_inf", pb.StartSession(prompts=[pb.WeightedPrompt(text="a", weight=math.inf)]), "start.prompts[0].weight"),
+    ("weights_all_zero", pb.StartSession(prompts=[pb.WeightedPrompt(text="a"), pb.WeightedPrompt(text="b")]),
+     "start.prompts"),
+    ("too_many_prompts", pb.StartSession(prompts=[pb.WeightedPrompt(text=f"p{i}", weight=1.0) for i in range(5)]),
+     "start.prompts"),
+    ("prompt_and_prompts", pb.StartSession(prompt="a", prompts=[pb.WeightedPrompt(text="b", weight=1.0)]),
+     "start.prompts"),
+    ("weighted_text_over_limit", pb.StartSession(prompts=[pb.WeightedPrompt(text=TOO_LONG, weight=1.0)]),
+     "start.prompts[0].text"),
     ("context", pb.StartSession(context_frames=100000), "start.context_frames"),
     ("reprime_keep", pb.StartSession(context_frames=10, reprime_keep_frames=10), "start.reprime_keep_frames"),
     ("top_k_wrapped_minus_one", pb.StartSession(sampling=pb.Sampling(top_k=4294967295)), "start.sampling.top_k"),
@@ -109,6 +121,7 @@ def field_path_exists(path: str, root) -> bool:
     descriptor = root.DESCRIPTOR
     for index, name in enumerate(path.split(".")):
         last = index == len(path.split(".")) - 1
+        name = name.split("[")[0]  # prompts[1] names an entry of a repeated field
         if last and name in descriptor.oneofs_by_name:
             return True
         field = descriptor.fields_by_name.get(name)
@@ -146,6 +159,15 @@ STEER_CASES = [
     ("too_long_audio", pb.SessionRequest(append_audio=pb.AppendAudio(audio=pcm_message(np.zeros(32000 * 31)))),
      INVALID, "append_audio.audio.pcm"),
     ("text_over_limit", pb.SessionRequest(set_prompt=pb.SetPrompt(text=TOO_LONG)), INVALID, "set_prompt.text"),
+    ("weight_nan", pb.SessionRequest(set_prompt=pb.SetPrompt(prompts=[pb.WeightedPrompt(text="a", weight=1.0),
+                                                                      pb.WeightedPrompt(text="b", weight=math.nan)])),
+     INVALID, "set_prompt.prompts[1].weight"),
+    ("weights_all_zero", pb.SessionRequest(set_prompt=pb.SetPrompt(prompts=[pb.WeightedPrompt(text="a")])),
+     INVALID, "set_prompt.prompts"),
+    ("too_many_prompts", pb.SessionRequest(set_prompt=pb.SetPrompt(
+        prompts=[pb.WeightedPrompt(text=f"p{i}", weight=1.0) for i in range(5)])), INVALID, "set_prompt.prompts"),
+    ("text_and_prompts", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", prompts=[pb.WeightedPrompt(
+        text="b", weight=1.0)])), INVALID, "set_prompt.prompts"),
     ("bad_sampling", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(top_k=0, top_p=0.0))),
      INVALID, "set_prompt.sampling.top_p"),
     ("guidance_switch", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(guidance_scale=1.0))),

@@ -79,16 +79,14 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight) {
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   auto body = [&](int64_t o0, int64_t o1) {
-    int64_t m = 0;
+    for_row_groups<4>(rows, [&](int64_t m, auto group) {
+      constexpr int M = decltype(group)::value;
 #ifdef MUSICGEN_HAVE_VNNI
-    for (; m + 4 <= rows; m += 4) gemv_f32_rows16<4>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
-    for (; m + 2 <= rows; m += 2) gemv_f32_rows16<2>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
-    for (; m < rows; ++m) gemv_f32_rows16<1>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
+      gemv_f32_rows16<M>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
 #else
-    for (; m + 4 <= rows; m += 4) gemv_f32_rows<4>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
-    for (; m + 2 <= rows; m += 2) gemv_f32_rows<2>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
-    for (; m < rows; ++m) gemv_f32_rows<1>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
+      gemv_f32_rows<M>(xp + m * in, in, wp, o0, o1, yp + m * out, out);
 #endif
+    });
   };
   musicgen::ElasticPool::instance().run(out, std::max<int64_t>(1, (64 * 1024) / (in * 4)), body);
 #endif

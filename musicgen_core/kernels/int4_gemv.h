@@ -210,21 +210,16 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
   auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
       const int64_t t1 = std::min(b1, t0 + tile);
-      int64_t m = 0;
+      auto run = [&](int64_t m, auto rows_in_group) {
+        constexpr int M = decltype(rows_in_group)::value;
+        for (int64_t b = t0; b < t1; ++b)
+          gemv4<M>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+      };
 #ifdef MUSICGEN_HAVE_VNNI  // 8 rows share a weight load (16 accumulators fit AVX-512's 32 registers, not AVX2's 16)
-      for (; m + 8 <= rows; m += 8)
-        for (int64_t b = t0; b < t1; ++b)
-          gemv4<8>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
+      for_row_groups<8>(rows, run);
+#else
+      for_row_groups<4>(rows, run);
 #endif
-      for (; m + 4 <= rows; m += 4)
-        for (int64_t b = t0; b < t1; ++b)
-          gemv4<4>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
-      for (; m + 2 <= rows; m += 2)
-        for (int64_t b = t0; b < t1; ++b)
-          gemv4<2>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
-      for (; m < rows; ++m)
-        for (int64_t b = t0; b < t1; ++b)
-          gemv4<1>(q + m * in_padded, sums + m * groups, s + m, w, ws, yp + m * out, in_padded, group, out, b, gelu);
     }
   };
   if (g_use_openmp || (rows > 8 && at::get_num_threads() > 1))  // as in `linear`

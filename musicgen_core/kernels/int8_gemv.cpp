@@ -38,9 +38,31 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 
 namespace {
+
+// Rows [0, rows) in groups of kMax, then the rest as one group of its own size: run(m, M) with M a
+// std::integral_constant. A step's rows (one per prompt and the unconditional one, per session) then pass over
+// the weights ceil(rows / kMax) times: 3 rows once, not as 2 + 1. Every row's result is computed on its own, so
+// the grouping does not change a bit.
+template <int M, typename Run>
+inline void run_rest(int64_t left, int64_t m, Run& run) {
+  if constexpr (M > 0) {
+    if (left == M)
+      run(m, std::integral_constant<int, M>{});
+    else
+      run_rest<M - 1>(left, m, run);
+  }
+}
+
+template <int kMax, typename Run>
+inline void for_row_groups(int64_t rows, Run&& run) {
+  int64_t m = 0;
+  for (; m + kMax <= rows; m += kMax) run(m, std::integral_constant<int, kMax>{});
+  run_rest<kMax - 1>(rows - m, m, run);
+}
 
 // The instruction set this build's kernel uses: "avx512-vnni", "avx2", or "none".
 std::string isa() {
@@ -368,15 +390,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
   auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
       const int64_t t1 = std::min(b1, t0 + tile);
-      int64_t m = 0;
-      for (; m + 8 <= rows; m += 8)
-        for (int64_t b = t0; b < t1; ++b) gemv_block<8>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m + 4 <= rows; m += 4)
-        for (int64_t b = t0; b < t1; ++b) gemv_block<4>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m + 2 <= rows; m += 2)
-        for (int64_t b = t0; b < t1; ++b) gemv_block<2>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
-      for (; m < rows; ++m)
-        for (int64_t b = t0; b < t1; ++b) gemv_block<1>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      for_row_groups<8>(rows, [&](int64_t m, auto group) {
+        constexpr int M = decltype(group)::value;
+        for (int64_t b = t0; b < t1; ++b) gemv_block<M>(q + m * in_padded, s + m, w, r, ws, yp + m * out, in_padded, out, b, gelu);
+      });
     }
   };
   if (g_use_openmp || (rows > 8 && at::get_num_threads() > 1)) {

@@ -1,0 +1,169 @@
+"""Weighted prompts over a real server on loopback: one conditional row per prompt, guidance
+uncond + g * sum_i w_i (cond_i - uncond) with weights normalised to sum 1, and changes of texts and weights
+while a session plays."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from musicgen.v1 import musicgen_pb2 as pb
+from musicgen_core import MusicGen, SamplingParams, WeightedPrompts
+from musicgen_core.sampling import guided_logits
+from server.engine import EngineConfig
+from server_harness import RequestQueue, ServerThread, collect, start_request
+
+LOFI, TECHNO, PADS = "warm lofi beat with piano", "dark techno", "ambient pad with long strings"
+GREEDY = pb.Sampling(greedy=True, guidance_scale=3.0)
+SEEDED = pb.Sampling(seed=7, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def model(mono_checkpoint):
+    return MusicGen.from_pretrained(mono_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with ServerThread(model, EngineConfig(max_sessions=8)) as running:
+        yield running
+
+
+def weighted(*pairs: tuple[str, float]) -> list[pb.WeightedPrompt]:
+    return [pb.WeightedPrompt(text=text, weight=weight) for text, weight in pairs]
+
+
+def generate(server, frames: int = 24, **fields):
+    request = pb.GenerateRequest(request=pb.StartSession(duration_frames=frames, return_codes=True, **fields))
+    return collect(server.stub().Generate(request))
+
+
+@torch.inference_mode()
+def reference(model: MusicGen, prompts: WeightedPrompts, frames: int,
+              switch: tuple[int, WeightedPrompts] | None = None, bounded: bool = False) -> np.ndarray:
+    """Greedy with the core API, unbounded (a live session's first frames) or `frames` long (Generate): the
+    guided logits written out here from the documented rule; at step switch[0] the prompts change (each new
+    text continues the row `rows_from` names)."""
+    params = model.default_sampling(greedy=True, guidance_scale=3.0)
+    encode = lambda p: [model.encode_text([t])[0] for t in p.texts]  # noqa: E731
+    state = model.start_sequence(encode(prompts), params, weights=prompts.weights,
+                                 total_frames=frames if bounded else None)
+    step = 0
+    while not state.finished and state.grid.first_frame_of_next_column() < frames:
+        if switch is not None and step == switch[0]:
+            new = switch[1]
+            state.cache = state.cache.select_rows(new.rows_from(prompts) + [len(prompts)])
+            state.cross = model.cross_attention(encode(new), True)
+            state.prompt_weights, prompts = new.weights, new
+        rows = state.cache.rows
+        logits = model.decoder([state.pending_columns()], [state.cache], [state.cross])[0][:, :, -1]
+        assert logits.shape[0] == rows == len(prompts) + 1
+        unconditional = logits[-1]
+        pull = sum((logits[i] - unconditional) * w for i, w in enumerate(prompts.weights))
+        state.grid.place((unconditional + pull * params.guidance_scale).argmax(dim=-1))
+        step += 1
+    return state.grid.frames(0, frames).numpy()
+
+
+def steered(server, start: pb.StartSession, change: pb.SetPrompt, frames_after: int = 12):
+    """A paced session steered once after its first audio: (codes (codebooks, frames), the PROMPT_APPLIED
+    frame, the chunks)."""
+    requests = RequestQueue(pb.SessionRequest(start=start))
+    call = server.stub().Session(iter(requests))
+    chunks, applied = [], None
+    for event in call:
+        kind = event.WhichOneof("event")
+        if kind == "audio":
+            chunks.append(event.audio)
+            if len(chunks) == 1:
+                time.sleep(0.5)  # the session fills its small lead and waits for acks
+                requests.send(pb.SessionRequest(set_prompt=change))
+            elif applied is not None and sum(c.frame_count for c in chunks) >= applied + frames_after:
+                requests.send(pb.SessionRequest(stop=pb.Stop()))
+                break
+            last = chunks[-1]
+            requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=last.start_sample + last.sample_count)))
+        elif kind == "notice" and event.notice.kind == pb.NOTICE_KIND_PROMPT_APPLIED:
+            applied = event.notice.frame
+    collect(call)
+    codes = np.array([code for c in chunks for code in c.codes]).reshape(-1, 4).T
+    return codes, applied, chunks
+
+
+def paced_start(**fields) -> pb.StartSession:
+    return pb.StartSession(sampling=GREEDY, return_codes=True, chunk_frames=1, max_lead_seconds=0.2, **fields)
+
+
+def test_one_prompt_at_any_weight_is_plain_guidance_bit_for_bit(server):
+    plain = generate(server, prompt=LOFI, sampling=SEEDED)
+    one = generate(server, prompts=weighted((LOFI, 0.3)), sampling=SEEDED)
+    assert np.array_equal(one.codes, plain.codes)
+    assert np.array_equal(one.pcm, plain.pcm)
+    chunk = one.of("audio")[0]
+    assert chunk.prompt == LOFI and [(p.text, p.weight) for p in chunk.prompts] == [(LOFI, 1.0)]
+
+
+def test_two_prompts_weighted_one_and_zero_equal_the_first_alone(server):
+    # prompts of different token lengths: the shorter one's row attends through a padded, masked conditioning
+    plain = generate(server, prompt=TECHNO, sampling=SEEDED)
+    pair = generate(server, prompts=weighted((TECHNO, 1.0), (PADS, 0.0)), sampling=SEEDED)
+    assert np.array_equal(pair.codes, plain.codes)
+    assert np.array_equal(pair.pcm, plain.pcm)
+
+
+def test_weighted_prompts_follow_the_documented_guidance_rule(server, model):
+    prompts = WeightedPrompts.of([(LOFI, 0.7), (TECHNO, 0.3)])
+    session = generate(server, prompts=weighted((LOFI, 7.0), (TECHNO, 3.0)), sampling=GREEDY)
+    assert np.array_equal(session.codes, reference(model, prompts, 24, bounded=True))
+    for only in (LOFI, TECHNO):
+        assert not np.array_equal(session.codes, generate(server, prompt=only, sampling=GREEDY).codes)
+    chunk = session.of("audio")[0]
+    assert [(p.text, round(p.weight, 6)) for p in chunk.prompts] == [(LOFI, 0.7), (TECHNO, 0.3)]
+    assert chunk.prompt == f"{LOFI}=0.7 | {TECHNO}=0.3"
+
+
+def test_guided_logits_of_one_prompt_are_the_two_row_expression():
+    logits = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(guidance_scale=3.0)
+    expected = logits[1] + (logits[0] - logits[1]) * params.guidance_scale
+    assert torch.equal(guided_logits(logits, params, (1.0,)), expected)
+    assert torch.equal(guided_logits(logits, params), expected)
+
+
+def test_new_weights_for_the_same_texts_apply_from_the_reported_frame(server, model):
+    start = WeightedPrompts.of([(LOFI, 1.0), (TECHNO, 0.0)])
+    codes, applied, chunks = steered(server, paced_start(prompts=weighted((LOFI, 1.0), (TECHNO, 0.0))),
+                                     pb.SetPrompt(prompts=weighted((LOFI, 0.25), (TECHNO, 0.75))))
+    frames = codes.shape[1]
+    switched = reference(model, start, frames, switch=(applied + 3, start.with_weights((0.25, 0.75))))
+    unchanged = reference(model, start, frames)
+    assert np.array_equal(codes, switched)
+    assert np.array_equal(codes[:, :applied], unchanged[:, :applied])
+    assert not np.array_equal(codes[:, applied:], unchanged[:, applied:])
+    for chunk in chunks:  # each chunk reports the weights of its revision
+        expected = [(LOFI, 1.0), (TECHNO, 0.0)] if chunk.first_frame < applied else [(LOFI, 0.25), (TECHNO, 0.75)]
+        assert [(p.text, p.weight) for p in chunk.prompts] == expected
+
+
+def test_one_text_to_two_continues_the_rows_history_like_a_text_change(server, model):
+    """A new set's texts continue the history of the heaviest prompt before: one text replaced by the set
+    (TECHNO at 1, PADS at 0) plays exactly as a plain change of text to TECHNO."""
+    codes, applied, _ = steered(server, paced_start(prompt=LOFI),
+                                pb.SetPrompt(prompts=weighted((TECHNO, 1.0), (PADS, 0.0))))
+    frames = codes.shape[1]
+    plain_change = reference(model, WeightedPrompts.single(LOFI), frames,
+                             switch=(applied + 3, WeightedPrompts.single(TECHNO)))
+    assert np.array_equal(codes, plain_change)
+
+
+def test_two_texts_back_to_one_keeps_that_texts_row(server, model):
+    start = WeightedPrompts.of([(LOFI, 0.5), (TECHNO, 0.5)])
+    codes, applied, chunks = steered(server, paced_start(prompts=weighted((LOFI, 0.5), (TECHNO, 0.5))),
+                                     pb.SetPrompt(text=TECHNO))
+    frames = codes.shape[1]
+    assert np.array_equal(codes, reference(model, start, frames,
+                                           switch=(applied + 3, WeightedPrompts.single(TECHNO))))
+    assert chunks[-1].prompt == TECHNO
