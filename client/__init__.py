@@ -13,7 +13,7 @@ from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArg
 from .events import (AudioChunk, Encoding, Event, FinishReason, Finished, ModelInfo, Notice, NoticeKind, Sampling,
                      SessionStats, Started)
 from .player import OutputLatency, Player, PlayerStats
-from .requests import StartOptions
+from .requests import At, StartOptions, Tempo
 from .ring import RingBuffer
 from .session import Generation, LiveSession, MusicGenClient
 from .wavfile import WavWriter, read_wav
@@ -21,7 +21,7 @@ from .wavfile import WavWriter, read_wav
 __all__ = [
     "MusicGenClient", "AsyncMusicGenClient", "LiveSession", "AsyncLiveSession", "Generation", "AsyncGeneration",
     "Started", "AudioChunk", "Notice", "Finished", "Event", "ModelInfo", "Sampling", "SessionStats", "Encoding",
-    "NoticeKind", "FinishReason", "StartOptions",
+    "NoticeKind", "FinishReason", "StartOptions", "At", "Tempo",
     "MusicGenError", "InvalidArgument", "FailedPrecondition", "ResourceExhausted", "Unauthenticated", "Unavailable",
     "DeadlineExceeded", "Cancelled", "ServerError",
     "Player", "PlayerStats", "OutputLatency", "RingBuffer", "AudioUnavailable", "find_device",

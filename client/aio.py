@@ -22,7 +22,7 @@ from musicgen.v1 import musicgen_pb2_grpc as pb_grpc
 from .connection import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, Connection
 from .errors import MusicGenError, from_rpc_error
 from .events import AudioChunk, Event, EventTracker, Finished, ModelInfo, Started, from_pb
-from .requests import PromptWeights, StartOptions, start_message
+from .requests import At, PromptWeights, StartOptions, start_message
 from .session import LiveSession
 
 _SKIP = object()
@@ -118,29 +118,36 @@ class AsyncLiveSession:
     # -- steering and state: those of LiveSession, safe from any task or thread ------------------------------
 
     def set_prompt(self, text: str | None = None, *, prompts: PromptWeights | None = None,
+                   transition_seconds: float | None = None, transition_frames: int | None = None,
                    guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None) -> None:
+                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None,
+                   at: At | None = None) -> None:
         """See `LiveSession.set_prompt`."""
-        self._live.set_prompt(text, prompts=prompts, guidance_scale=guidance_scale, temperature=temperature,
-                              top_k=top_k, top_p=top_p, greedy=greedy, seed=seed)
+        self._live.set_prompt(text, prompts=prompts, transition_seconds=transition_seconds,
+                              transition_frames=transition_frames, guidance_scale=guidance_scale,
+                              temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, at=at)
 
-    def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False) -> None:
+    def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False,
+                     at: At | None = None) -> None:
         """See `LiveSession.append_audio`."""
-        self._live.append_audio(samples, sample_rate, replace_context)
+        self._live.append_audio(samples, sample_rate, replace_context, at)
 
     def ack(self, samples_played: int) -> None:
         """See `LiveSession.ack`."""
         self._live.ack(samples_played)
 
-    def pause(self) -> None:
-        self._live.pause()
+    def pause(self, at: At | None = None) -> None:
+        self._live.pause(at)
 
     def resume(self) -> None:
         self._live.resume()
 
-    def stop(self) -> None:
+    def stop(self, at: At | None = None) -> None:
         """End the session: the remaining audio and Finished(STOPPED) still arrive."""
-        self._live.stop()
+        self._live.stop(at)
+
+    def set_tempo(self, bpm: float, beats_per_bar: int = 4, beat_one_sample: int = 0) -> None:
+        self._live.set_tempo(bpm, beats_per_bar, beat_one_sample)
 
     def close(self) -> None:
         """Cancel the session now. Idempotent; safe from any thread."""

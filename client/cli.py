@@ -4,6 +4,7 @@
     musicgen-client play "warm lofi beat" --seconds 5 --no-playback --out take.wav   # no audio device needed
     musicgen-client live "ambient pad"        # then type prompts; :pause :resume :feed FILE.wav :quit
     musicgen-client live --weights "ambient pad=0.7 | dark techno=0.3"   # then e.g. :weights ambient pad=0.2 | dark techno=0.8
+    musicgen-client live "lofi" --tempo 90   # then e.g. :at next-bar dark techno, :at bar 16 :morph 4s ambient
     musicgen-client info | devices
 
 Server: --server HOST:PORT (or $MUSICGEN_SERVER), --token (or $MUSICGEN_TOKEN), --tls-cert PEM for TLS.
@@ -25,6 +26,7 @@ from .connection import DEFAULT_TARGET
 from .devices import AudioUnavailable
 from .errors import MusicGenError
 from .events import AudioChunk, Event, Finished, Notice, Sampling, Started
+from .requests import At, Tempo
 from .session import LiveSession, MusicGenClient
 from .wavfile import WavWriter, read_wav
 
@@ -103,6 +105,8 @@ def _session_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--weights", metavar="'TEXT=W | TEXT=W'", type=_weights_argument,
                          help="several prompts with weights instead of PROMPT, e.g. 'warm lofi=0.7 | dark techno=0.3'"
                               " (the server normalises the weights to sum 1)")
+    command.add_argument("--tempo", type=float, help="session tempo in bpm, for :at bar / beat (beat one at 0)")
+    command.add_argument("--beats-per-bar", type=int, default=4, help="beats in a bar with --tempo (default 4)")
     command.add_argument("--out", type=Path, help="write the stream to this 16-bit WAV")
     command.add_argument("--no-playback", action="store_true",
                          help="do not play (no audio device or PortAudio needed); use with --out")
@@ -161,7 +165,8 @@ def open_session(args: argparse.Namespace, client: MusicGenClient, seconds: floa
     if args.continue_from:
         audio_prompt, rate = read_wav(args.continue_from)
         audio_prompt = audio_prompt[-int(info.max_audio_prompt_seconds * rate):]
-    return client.open_session(args.prompt, prompts=args.weights, sampling=_sampling(args), seconds=seconds,
+    tempo = Tempo(args.tempo, args.beats_per_bar) if args.tempo else None
+    return client.open_session(args.prompt, prompts=args.weights, tempo=tempo, sampling=_sampling(args), seconds=seconds,
                                sample_rate=sample_rate,
                                encoding=args.encoding, chunk_frames=args.chunk_frames, lookahead=args.lookahead,
                                max_lead_seconds=args.lead, unpaced=unpaced, audio_prompt=audio_prompt,
@@ -297,7 +302,8 @@ def cmd_play(args: argparse.Namespace) -> int:
 
 
 LIVE_HELP = ("type a prompt and press Enter to steer; commands: :pause  :resume  :feed FILE.wav  "
-             ":prompt TEXT  :weights TEXT=W | TEXT=W  :quit")
+             ":prompt TEXT  :weights TEXT=W | TEXT=W  :morph 8s|400f TEXT or TEXT=W | ...  :tempo BPM [BEATS]  "
+             ":at bar N|beat N|next-bar|next-beat|frame N|12.5s COMMAND  :quit")
 
 _WEIGHTED = re.compile(r"\s*([^=|,]+?)\s*=\s*([^\s|,]+)\s*[|,]?")
 
@@ -373,13 +379,43 @@ def _stdin_lines():
     return lines
 
 
-def _command(line: str, session: LiveSession, client: MusicGenClient, info, progress: Progress):
+def _command(line: str, session: LiveSession, client: MusicGenClient, info, progress: Progress,
+             at: At | None = None):
+    """One live line; `at` (from `:at WHEN ...`) schedules the command it names."""
+    when = "" if at is None else f" (at {at.kind.replace('_', ' ')}{'' if at.kind.startswith('next') else ' ' + str(at.value)})"
     if not line:
         return info
+    if line.startswith(":at "):
+        try:
+            at, rest = _at(line[len(":at "):], session.sample_rate)
+        except ValueError as error:
+            progress.message(str(error))
+            return info
+        if at.kind in ("bar", "beat", "next_bar", "next_beat") and session.tempo is None:
+            progress.message("at: bars and beats need a tempo (--tempo BPM, or :tempo BPM)")
+            return info
+        sample = at.sample_at(session.tempo, session.sample_rate)
+        if sample is not None and sample < session.samples_received:  # the server would end the session
+            progress.message(f"at: sample {sample} was already received ({session.samples_received}); too late")
+            return info
+        return _command(rest, session, client, info, progress, at)
     if line in (":pause", ":p"):
-        session.pause()
+        session.pause(at)
     elif line in (":resume", ":r"):
         session.resume()
+    elif line == ":stop" and at is not None:
+        session.stop(at)
+        progress.message(f"stop sent{when}")
+    elif line.startswith(":tempo "):
+        try:
+            bpm, *beats = (float(v) for v in line[len(":tempo "):].split())
+            if not 0 < bpm <= 1000 or len(beats) > 1 or (beats and not 1 <= beats[0] <= 64):
+                raise ValueError
+        except ValueError:
+            progress.message("tempo: expected ':tempo BPM [BEATS_PER_BAR]', BPM in (0, 1000], beats 1-64")
+        else:
+            session.set_tempo(bpm, int(beats[0]) if beats else 4)
+            progress.message(f"tempo sent: {bpm:g} bpm")
     elif line.startswith(":feed "):
         info = info or client.model_info()
         path = Path(line[len(":feed "):].strip())
@@ -389,24 +425,74 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
         except (OSError, ValueError) as error:
             progress.message(f"cannot feed {path}: {error}")
     elif line.startswith(":prompt "):
-        session.set_prompt(line[len(":prompt "):])
-        progress.message(f"prompt sent: {line[len(':prompt '):]!r}")
+        session.set_prompt(line[len(":prompt "):], at=at)
+        progress.message(f"prompt sent: {line[len(':prompt '):]!r}{when}")
     elif line.startswith(":weights "):
         try:
             pairs = parse_weights(line[len(":weights "):])
         except ValueError as error:
             progress.message(str(error))
         else:
-            session.set_prompt(prompts=pairs)
-            progress.message("prompts sent: " + " | ".join(f"{text}={weight:g}" for text, weight in pairs))
+            session.set_prompt(prompts=pairs, at=at)
+            progress.message("prompts sent: " + " | ".join(f"{text}={weight:g}" for text, weight in pairs) + when)
+    elif line.startswith(":morph "):
+        try:
+            length, target = _morph(line[len(":morph "):])
+        except ValueError as error:
+            progress.message(str(error))
+        else:
+            text, prompts = (None, target) if isinstance(target, list) else (target, None)
+            session.set_prompt(text, prompts=prompts, at=at, **length)
+            progress.message(f"morph sent: {line[len(':morph '):]}{when}")
     elif line in (":help", ":h", "?"):
         progress.message(LIVE_HELP)
     elif line.startswith(":"):
         progress.message(f"unknown command {line!r}; {LIVE_HELP}")
     else:
-        session.set_prompt(line)
-        progress.message(f"prompt sent: {line!r}")
+        session.set_prompt(line, at=at)
+        progress.message(f"prompt sent: {line!r}{when}")
     return info
+
+
+def _at(spec: str, sample_rate: int) -> tuple[At, str]:
+    """'bar 8 TEXT' / 'beat 3 :pause' / 'next-bar :weights ...' / 'frame 400 ...' / '12.5s ...' -> (At, the
+    command)."""
+    words = spec.split(maxsplit=2)
+    try:
+        if words[0] in ("next-bar", "next-beat"):
+            at = At.next_bar() if words[0] == "next-bar" else At.next_beat()
+            rest = spec.split(maxsplit=1)[1]
+        elif words[0] in ("bar", "beat", "frame", "sample"):
+            value = int(words[1])
+            if value < 0:
+                raise ValueError
+            at, rest = At(words[0], value), words[2]
+        elif words[0].endswith("s"):
+            seconds = float(words[0][:-1])
+            if not math.isfinite(seconds) or seconds < 0:
+                raise ValueError
+            at, rest = At.sample(round(seconds * sample_rate)), spec.split(maxsplit=1)[1]
+        else:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"at: expected ':at bar N | beat N | next-bar | next-beat | frame N | 12.5s COMMAND', "
+                         f"got {spec!r}") from None
+    return at, rest.strip()
+
+
+def _morph(spec: str) -> tuple[dict, str | list[tuple[str, float]]]:
+    """'8s dark techno' / '400f a=1 | b=1' -> ({transition_seconds or transition_frames}, text or weights)."""
+    length, _, target = spec.strip().partition(" ")
+    unit = {"s": "transition_seconds", "f": "transition_frames"}.get(length[-1:])
+    try:
+        value = float(length[:-1]) if unit else None
+    except ValueError:
+        value = None
+    limit = 600 if unit == "transition_seconds" else 30000  # the server's bound (600 s)
+    if value is None or not math.isfinite(value) or not 0 <= value <= limit or not target.strip():
+        raise ValueError(f"morph: expected ':morph 8s TEXT' or ':morph 400f TEXT=W | TEXT=W', got {spec!r}")
+    amount = {unit: value if unit == "transition_seconds" else int(value)}
+    return amount, parse_weights(target) if "=" in target else target.strip()
 
 
 def cmd_info(args: argparse.Namespace) -> int:

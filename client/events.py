@@ -36,6 +36,7 @@ class NoticeKind(str, Enum):
     PAUSED = "paused"
     RESUMED = "resumed"
     SERVER_DRAINING = "server_draining"
+    TRANSITION_ENDED = "transition_ended"
     OTHER = "other"  # an enum value newer than this client
 
 
@@ -51,7 +52,8 @@ _NOTICE_KINDS = {pb.NOTICE_KIND_PROMPT_APPLIED: NoticeKind.PROMPT_APPLIED,
                  pb.NOTICE_KIND_CONTEXT_REPRIMED: NoticeKind.CONTEXT_REPRIMED,
                  pb.NOTICE_KIND_AUDIO_APPENDED: NoticeKind.AUDIO_APPENDED,
                  pb.NOTICE_KIND_PAUSED: NoticeKind.PAUSED, pb.NOTICE_KIND_RESUMED: NoticeKind.RESUMED,
-                 pb.NOTICE_KIND_SERVER_DRAINING: NoticeKind.SERVER_DRAINING}
+                 pb.NOTICE_KIND_SERVER_DRAINING: NoticeKind.SERVER_DRAINING,
+                 pb.NOTICE_KIND_TRANSITION_ENDED: NoticeKind.TRANSITION_ENDED}
 _FINISH_REASONS = {pb.FINISH_REASON_COMPLETED: FinishReason.COMPLETED, pb.FINISH_REASON_STOPPED: FinishReason.STOPPED,
                    pb.FINISH_REASON_SERVER_SHUTDOWN: FinishReason.SERVER_SHUTDOWN,
                    pb.FINISH_REASON_ERROR: FinishReason.ERROR}

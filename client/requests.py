@@ -53,11 +53,75 @@ def audio_data(audio: np.ndarray, sample_rate: int, encoding: Encoding = Encodin
 
 
 @dataclass(frozen=True)
+class At:
+    """When a steering command lands (the protocol's At): At.sample(n), At.frame(n), At.bar(n), At.beat(n),
+    At.next_bar(), At.next_beat(). Bars and beats need a session tempo (StartOptions.tempo, set_tempo)."""
+
+    kind: str
+    value: int = 0
+
+    @classmethod
+    def sample(cls, sample: int) -> "At":
+        return cls("sample", int(sample))
+
+    @classmethod
+    def frame(cls, frame: int) -> "At":
+        return cls("frame", int(frame))
+
+    @classmethod
+    def bar(cls, bar: int) -> "At":
+        return cls("bar", int(bar))
+
+    @classmethod
+    def beat(cls, beat: int) -> "At":
+        return cls("beat", int(beat))
+
+    @classmethod
+    def next_bar(cls) -> "At":
+        return cls("next_bar")
+
+    @classmethod
+    def next_beat(cls) -> "At":
+        return cls("next_beat")
+
+    def sample_at(self, tempo: "Tempo | None", sample_rate: int) -> int | None:
+        """The output sample this time names where it is fixed (sample, or a bar / beat with a tempo);
+        None for a frame (it depends on samples per frame) and next_bar / next_beat."""
+        if self.kind == "sample":
+            return self.value
+        if self.kind in ("bar", "beat") and tempo is not None:
+            beats = self.value * (tempo.beats_per_bar if self.kind == "bar" else 1)
+            return round(tempo.beat_one_sample + beats * 60.0 * sample_rate / tempo.bpm)
+        return None
+
+    def to_pb(self) -> pb.At:
+        if self.kind in ("next_bar", "next_beat"):
+            return pb.At(**{self.kind: True})
+        if self.kind not in ("sample", "frame", "bar", "beat") or self.value < 0:
+            raise ValueError(f"at: {self.kind} {self.value} is not a time (sample, frame, bar or beat >= 0)")
+        return pb.At(**{self.kind: self.value})
+
+
+@dataclass(frozen=True)
+class Tempo:
+    """A session's musical time: bpm, beats per bar, and the output sample of beat one (bar 0)."""
+
+    bpm: float
+    beats_per_bar: int = 4
+    beat_one_sample: int = 0
+
+    def to_pb(self) -> pb.Tempo:
+        return pb.Tempo(bpm=float(self.bpm), beats_per_bar=int(self.beats_per_bar),
+                        beat_one_sample=int(self.beat_one_sample))
+
+
+@dataclass(frozen=True)
 class StartOptions:
     """Everything a session start carries, in Python terms (see StartSession in the protocol)."""
 
     prompt: str = ""
     prompts: "PromptWeights | None" = None  # several texts with weights instead of `prompt`
+    tempo: Tempo | None = None  # for steering at bars and beats
     sampling: Sampling = Sampling()
     seconds: float | None = None
     frames: int | None = None
@@ -101,6 +165,8 @@ class StartOptions:
                                 reprime_keep_frames=self.reprime_keep_frames)
         if self.prompts is not None:
             start.prompts.extend(weighted_prompts(self.prompts))
+        if self.tempo is not None:
+            start.tempo.CopyFrom(self.tempo.to_pb())
         if self.seconds is not None and self.frames is not None:
             raise ValueError("give seconds or frames, not both")
         if self.seconds is not None:
@@ -138,9 +204,18 @@ def weighted_prompts(prompts: PromptWeights) -> list[pb.WeightedPrompt]:
     return [pb.WeightedPrompt(text=str(text), weight=float(weight)) for text, weight in pairs]
 
 
-def set_prompt_request(text: str | None, sampling: Sampling,
-                       prompts: PromptWeights | None = None) -> pb.SessionRequest:
+def set_prompt_request(text: str | None, sampling: Sampling, prompts: PromptWeights | None = None,
+                       transition_seconds: float | None = None, transition_frames: int | None = None,
+                       at: At | None = None) -> pb.SessionRequest:
     change = pb.SetPrompt()
+    if at is not None:
+        change.at.CopyFrom(at.to_pb())
+    if transition_seconds is not None and transition_frames is not None:
+        raise ValueError("give transition_seconds or transition_frames, not both")
+    if transition_seconds is not None:
+        change.transition.seconds = float(transition_seconds)
+    if transition_frames is not None:
+        change.transition.frames = int(transition_frames)
     if text is not None and prompts is not None:
         raise ValueError("give text or prompts, not both")
     if text is not None:
@@ -153,7 +228,7 @@ def set_prompt_request(text: str | None, sampling: Sampling,
 
 
 def append_audio_requests(samples: np.ndarray, sample_rate: int, replace_context: bool,
-                          max_message_bytes: int) -> Iterator[pb.SessionRequest]:
+                          max_message_bytes: int, at: At | None = None) -> Iterator[pb.SessionRequest]:
     """One append as AppendAudio messages each under the size limit: all but the last are `partial`."""
     audio = as_audio(samples, "append_audio")
     if not 8000 <= int(sample_rate) <= 192000:
@@ -163,14 +238,22 @@ def append_audio_requests(samples: np.ndarray, sample_rate: int, replace_context
     starts = range(0, audio.shape[0], per_part)
     for index, start in enumerate(starts):
         part = audio[start:start + per_part]
-        yield pb.SessionRequest(append_audio=pb.AppendAudio(audio=audio_data(part, sample_rate),
-                                                            partial=index < len(starts) - 1,
-                                                            replace_context=replace_context))
+        append = pb.AppendAudio(audio=audio_data(part, sample_rate), partial=index < len(starts) - 1,
+                                replace_context=replace_context)
+        if at is not None and not append.partial:
+            append.at.CopyFrom(at.to_pb())
+        yield pb.SessionRequest(append_audio=append)
 
 
-REQUEST_PAUSE = pb.SessionRequest(pause=pb.Pause())
 REQUEST_RESUME = pb.SessionRequest(resume=pb.Resume())
-REQUEST_STOP = pb.SessionRequest(stop=pb.Stop())
+
+
+def pause_request(at: At | None = None) -> pb.SessionRequest:
+    return pb.SessionRequest(pause=pb.Pause(at=at.to_pb()) if at is not None else pb.Pause())
+
+
+def stop_request(at: At | None = None) -> pb.SessionRequest:
+    return pb.SessionRequest(stop=pb.Stop(at=at.to_pb()) if at is not None else pb.Stop())
 
 
 def ack_request(samples_played: int) -> pb.SessionRequest:

@@ -41,6 +41,7 @@ class SessionControl(EventTracker):
     def __init__(self) -> None:
         super().__init__()
         self.samples_acked = 0
+        self.tempo: rq.Tempo | None = None  # the session tempo sent (start or set_tempo), for bars and beats
         self._ack_lock = threading.Lock()
         self._requests_open = True
 
@@ -58,20 +59,25 @@ class SessionControl(EventTracker):
             self._enqueue(_END)
 
     def set_prompt(self, text: str | None = None, *, prompts: rq.PromptWeights | None = None,
+                   transition_seconds: float | None = None, transition_frames: int | None = None,
                    guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None) -> None:
+                   top_p: float | None = None, greedy: bool | None = None, seed: int | None = None,
+                   at: rq.At | None = None) -> None:
         """New text prompt (None keeps the current one, "" is unconditional), or `prompts`, several texts with
         weights ({text: weight} or [(text, weight)]; the server normalises them to sum 1), and/or sampling
         fields (None keeps each); applies from the next decoder step. A Notice(PROMPT_APPLIED) reports the
-        frame."""
+        frame. transition_seconds / transition_frames: move the weights to the new prompts linearly over that
+        long instead of at once; Notice(TRANSITION_ENDED) reports the first frame under the new ones alone.
+        at: when it lands (`At.bar(8)`, `At.next_bar()`, `At.sample(n)`, ...; None = the next step)."""
         sampling = Sampling(guidance_scale, temperature, top_k, top_p, greedy, seed)
-        self._send(rq.set_prompt_request(text, sampling, prompts))
+        self._send(rq.set_prompt_request(text, sampling, prompts, transition_seconds, transition_frames, at))
 
-    def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False) -> None:
+    def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False,
+                     at: rq.At | None = None) -> None:
         """Continue from this audio ((samples,) or (samples, channels) float in [-1, 1], or int16), e.g. the bar
         a host just looped. Sent as `partial` parts under the message-size limit; Notice(AUDIO_APPENDED)
-        reports the frame generation follows it from. replace_context: it alone becomes the context."""
-        for request in rq.append_audio_requests(samples, sample_rate, replace_context, self._max_message_bytes):
+        reports the frame generation follows it from. replace_context: it alone becomes the context. at: when."""
+        for request in rq.append_audio_requests(samples, sample_rate, replace_context, self._max_message_bytes, at):
             self._send(request)
 
     def ack(self, samples_played: int) -> None:
@@ -84,19 +90,26 @@ class SessionControl(EventTracker):
             self.samples_acked = samples
         self._send(rq.ack_request(samples))
 
-    def pause(self) -> None:
-        """Stop generating after the current step (audio already made still arrives); Notice(PAUSED)."""
-        self._send(rq.REQUEST_PAUSE)
+    def pause(self, at: rq.At | None = None) -> None:
+        """Stop generating after the current step, or at `at` (audio already made still arrives);
+        Notice(PAUSED)."""
+        self._send(rq.pause_request(at))
 
     def resume(self) -> None:
         """Continue after pause (or a start_paused session); Notice(RESUMED)."""
         self._send(rq.REQUEST_RESUME)
 
-    def stop(self) -> None:
+    def stop(self, at: rq.At | None = None) -> None:
         """End the session: the server sends the remaining audio, then Finished(STOPPED). Nothing more can be
-        sent after it."""
-        self._send(rq.REQUEST_STOP)
-        self._end_requests()
+        sent after it. at: end there instead (the output ends at that frame); acks and steering go on until."""
+        self._send(rq.stop_request(at))
+        if at is None:
+            self._end_requests()
+
+    def set_tempo(self, bpm: float, beats_per_bar: int = 4, beat_one_sample: int = 0) -> None:
+        """The session's tempo, for steering at bars and beats from here on (`tempo` keeps the latest)."""
+        self.tempo = rq.Tempo(bpm, beats_per_bar, beat_one_sample)
+        self._send(pb.SessionRequest(set_tempo=self.tempo.to_pb()))
 
     def _track(self, event: Event) -> None:
         self.track(event)
@@ -125,6 +138,8 @@ class LiveSession(SessionControl):
         self._target = connection.target
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(pb.SessionRequest(start=start))
+        if start.HasField("tempo"):
+            self.tempo = rq.Tempo(start.tempo.bpm, start.tempo.beats_per_bar, start.tempo.beat_one_sample)
         self._closed = False
         self._call = stub.Session(self._request_stream(), metadata=connection.metadata, timeout=timeout)
         first = self._next()  # the server's verdict on the start: Started, or an error status

@@ -47,9 +47,11 @@ class WeightedPrompts:
             raise PromptSetError(field, "give at least one prompt")
         if len(pairs) > MAX_PROMPTS:
             raise PromptSetError(field, f"at most {MAX_PROMPTS} prompts, got {len(pairs)}")
-        for index, (_, weight) in enumerate(pairs):
+        for index, (text, weight) in enumerate(pairs):
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
                 raise PromptSetError(f"{field}[{index}].weight", f"must be finite and >= 0, got {weight}")
+            if text in (earlier for earlier, _ in pairs[:index]):
+                raise PromptSetError(f"{field}[{index}].text", f"{text!r} appears twice; give it one weight")
         total = math.fsum(weight for _, weight in pairs)
         if total <= 0:
             raise PromptSetError(field, "the weights sum to 0; give at least one a positive weight")
@@ -67,6 +69,14 @@ class WeightedPrompts:
 
     def with_weights(self, weights: Iterable[float]) -> "WeightedPrompts":
         return WeightedPrompts.of(zip(self.texts, weights))
+
+    def blend(self, target: "WeightedPrompts", amount: float) -> "WeightedPrompts":
+        """(1 - amount) x these weights + amount x target's, over these texts then target's new ones (a text
+        missing from a set has weight 0 there): a step of a timed transition, amount in [0, 1]."""
+        texts = self.texts + tuple(text for text in target.texts if text not in self.texts)
+        before = [self.weights[self.texts.index(t)] if t in self.texts else 0.0 for t in texts]
+        after = [target.weights[target.texts.index(t)] if t in target.texts else 0.0 for t in texts]
+        return WeightedPrompts(texts, tuple((1.0 - amount) * b + amount * a for b, a in zip(before, after)))
 
     def rows_from(self, before: "WeightedPrompts") -> list[int]:
         """For each of these prompts, the row of `before` whose self-attention history it continues: the same

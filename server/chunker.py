@@ -20,11 +20,11 @@ from .events import AudioChunk
 
 @dataclass(frozen=True)
 class Revision:
-    """The conditioning in effect from `from_frame` on."""
+    """The prompt change (SetPrompt) in effect from `from_frame` on: its number and sampling. The prompts'
+    weights are kept per frame beside it (`Chunker.mixes`): a timed transition moves them every frame."""
 
     number: int
     from_frame: int
-    prompts: WeightedPrompts
     params: SamplingParams
 
 
@@ -38,7 +38,8 @@ class Chunker:
         self.unsent_codes = torch.zeros(codebooks, 0, dtype=torch.long)  # resolved frames not yet in a chunk
         self.unsent_pcm = np.zeros((channels, 0), dtype=np.float32)  # their final audio so far
         self.boundaries: list[int] = []  # frames a chunk must start at (prompt changes, appends, pauses)
-        self.revisions = [Revision(0, 0, prompts, params)]
+        self.revisions = [Revision(0, 0, params)]
+        self.mixes: list[tuple[int, WeightedPrompts]] = [(0, prompts)]  # (from frame, prompts and weights)
         self.chunk_index = 0  # AudioChunk.sequence of the next chunk
         self.frames_sent = 0
         self.acked_samples = 0
@@ -65,10 +66,15 @@ class Chunker:
 
     def revise(self, from_frame: int, prompts: WeightedPrompts, params: SamplingParams) -> Revision:
         """A new prompt revision from `from_frame` on; a chunk starts there, so one label fits all its frames."""
-        revision = Revision(self.revision.number + 1, from_frame, prompts, params)
+        revision = Revision(self.revision.number + 1, from_frame, params)
         self.revisions.append(revision)
+        self.mix_from(from_frame, prompts)
         self.cut_at(from_frame)
         return revision
+
+    def mix_from(self, frame: int, prompts: WeightedPrompts) -> None:
+        """The prompts' weights from `frame` on (a chunk reports those of its first frame)."""
+        self.mixes = [m for m in self.mixes if m[0] < frame] + [(frame, prompts)]
 
     def ack(self, samples: int) -> None:
         """Samples played (paced) or delivered (unpaced). The transport checks a client's acks against the
@@ -113,10 +119,13 @@ class Chunker:
     def _cut(self, count: int, samples: int) -> AudioChunk:
         first = self.frames_sent
         revision = [r for r in self.revisions if r.from_frame <= first][-1]
+        mix = [prompts for frame, prompts in self.mixes if frame <= first][-1]
+        self.mixes = [m for i, m in enumerate(self.mixes) if m[0] > first or i + 1 == len(self.mixes)
+                      or self.mixes[i + 1][0] > first]  # what later chunks may still need
         chunk = AudioChunk(sequence=self.chunk_index, start_sample=self.samples_sent, first_frame=first,
                            frame_count=count, pcm=self.unsent_pcm[:, :samples],
-                           codes=self.unsent_codes[:, :count].numpy(), prompt=revision.prompts.label,
-                           prompt_revision=revision.number, params=revision.params, prompts=revision.prompts)
+                           codes=self.unsent_codes[:, :count].numpy(), prompt=mix.label,
+                           prompt_revision=revision.number, params=revision.params, prompts=mix)
         self.unsent_pcm = self.unsent_pcm[:, samples:]
         self.unsent_codes = self.unsent_codes[:, count:]
         self.boundaries = [b for b in self.boundaries if b > first + count]

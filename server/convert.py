@@ -18,6 +18,7 @@ from musicgen_core.streaming_codec import decoder_lookahead_samples
 
 from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
                      SpecError, Started)
+from .timeline import At, Tempo
 
 SUPPORTED_OUTPUT_RATES = (44100, 48000)
 DEFAULT_CHUNK_FRAMES = 5
@@ -35,7 +36,8 @@ TO_PB_ENCODING = {value: key for key, value in ENCODINGS.items()}
 NOTICE_KINDS = {NoticeKind.PROMPT_APPLIED: pb.NOTICE_KIND_PROMPT_APPLIED,
                 NoticeKind.CONTEXT_REPRIMED: pb.NOTICE_KIND_CONTEXT_REPRIMED,
                 NoticeKind.AUDIO_APPENDED: pb.NOTICE_KIND_AUDIO_APPENDED,
-                NoticeKind.PAUSED: pb.NOTICE_KIND_PAUSED, NoticeKind.RESUMED: pb.NOTICE_KIND_RESUMED}
+                NoticeKind.PAUSED: pb.NOTICE_KIND_PAUSED, NoticeKind.RESUMED: pb.NOTICE_KIND_RESUMED,
+                NoticeKind.TRANSITION_ENDED: pb.NOTICE_KIND_TRANSITION_ENDED}
 FINISH_REASONS = {FinishReason.COMPLETED: pb.FINISH_REASON_COMPLETED, FinishReason.STOPPED: pb.FINISH_REASON_STOPPED,
                   FinishReason.SERVER_SHUTDOWN: pb.FINISH_REASON_SERVER_SHUTDOWN,
                   FinishReason.CANCELLED: pb.FINISH_REASON_STOPPED, FinishReason.ERROR: pb.FINISH_REASON_ERROR}
@@ -59,6 +61,45 @@ def prompts_from_pb(model: MusicGen, entries, field: str) -> WeightedPrompts:
         return WeightedPrompts.of([(entry.text, entry.weight) for entry in entries], field)
     except PromptSetError as error:
         raise SpecError(error.field, error.detail) from None
+
+
+MAX_TRANSITION_SECONDS = 600.0
+
+
+def at_from_pb(message, field: str) -> At | None:
+    """The `at` of a steering message (None when unset: at the next step)."""
+    if not message.HasField("at"):
+        return None
+    kind = message.at.WhichOneof("when")
+    if kind is None or (kind in ("next_bar", "next_beat") and not getattr(message.at, kind)):
+        return None
+    value = 0 if kind in ("next_bar", "next_beat") else getattr(message.at, kind)
+    return At(kind, value, f"{field}.{kind}")
+
+
+def tempo_from_pb(tempo: pb.Tempo, field: str) -> Tempo:
+    if not math.isfinite(tempo.bpm) or not 0 < tempo.bpm <= 1000:
+        raise SpecError(f"{field}.bpm", f"must be in (0, 1000], got {tempo.bpm}")
+    if not 1 <= tempo.beats_per_bar <= 64:
+        raise SpecError(f"{field}.beats_per_bar", f"must be in [1, 64], got {tempo.beats_per_bar}")
+    return Tempo(tempo.bpm, tempo.beats_per_bar, tempo.beat_one_sample)
+
+
+def transition_frames(model: MusicGen, transition: pb.Transition, field: str) -> int:
+    """A Transition's length in whole frames (0 = at once); SpecError naming the field when out of range."""
+    rate = model.config.frame_rate
+    kind = transition.WhichOneof("length")
+    if kind == "seconds":
+        seconds = transition.seconds
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TRANSITION_SECONDS:
+            raise SpecError(f"{field}.seconds", f"must be in [0, {MAX_TRANSITION_SECONDS:g}], got {seconds}")
+        return round(seconds * rate)
+    if kind == "frames":
+        if transition.frames > MAX_TRANSITION_SECONDS * rate:
+            raise SpecError(f"{field}.frames", f"must be in [0, {int(MAX_TRANSITION_SECONDS * rate)}], "
+                                               f"got {transition.frames}")
+        return transition.frames
+    return 0
 
 
 def prompts_to_pb(prompts: WeightedPrompts) -> list[pb.WeightedPrompt]:
@@ -191,7 +232,8 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         lookahead_frames=lookahead, max_lead_seconds=None if unpaced else (lead or DEFAULT_LEAD_SECONDS),
         delivery_lead_seconds=UNPACED_LEAD_SECONDS if unpaced else None,
         client_name=start.client_name, context_frames=start.context_frames,
-        reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced, prompts=prompts)
+        reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced, prompts=prompts,
+        tempo=tempo_from_pb(start.tempo, f"{field}.tempo") if start.HasField("tempo") else None)
 
 
 def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field: str) -> int | None:

@@ -24,6 +24,7 @@ from musicgen_core import MusicGen, SamplingParams, WeightedPrompts
 from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
 from .headroom import EngineHeadroom
+from .timeline import At, Lands, Tempo
 from .session import Limits, Session, TextEncodings
 
 log = logging.getLogger("musicgen.engine")
@@ -91,18 +92,22 @@ class Open(Command):
 class SetPrompt(Command):
     prompts: WeightedPrompts | None  # None = keep the prompts (change sampling only)
     params: SamplingParams | None
+    transition_frames: int = 0  # > 0: the weights move to the new prompts over this many frames
+    at: At | None = None  # None = from the next step
 
     def apply(self, engine: "Engine") -> None:
-        self.session.set_prompt(self.prompts, self.params)
+        self.session.when(self.at, Lands.CHANGE,
+                          lambda: self.session.set_prompt(self.prompts, self.params, self.transition_frames))
 
 
 @dataclass(frozen=True)
 class AppendAudio(Command):
     audio: np.ndarray  # (channels, samples) float32 at the model's rate
     replace_context: bool
+    at: At | None = None
 
     def apply(self, engine: "Engine") -> None:
-        self.session.append_audio(self.audio, self.replace_context)
+        self.session.when(self.at, Lands.FRAME, lambda: self.session.append_audio(self.audio, self.replace_context))
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,10 @@ class Ack(Command):
 
 @dataclass(frozen=True)
 class Pause(Command):
+    at: At | None = None
+
     def apply(self, engine: "Engine") -> None:
-        self.session.pause()
+        self.session.when(self.at, Lands.FRAME, self.session.pause)
 
 
 @dataclass(frozen=True)
@@ -132,9 +139,18 @@ class Finish(Command):
     reason: FinishReason
     message: str = ""
     failure: Failure | None = None
+    at: At | None = None  # a scheduled stop
 
     def apply(self, engine: "Engine") -> None:
-        self.session.finish(self.reason, self.message, self.failure)
+        self.session.when(self.at, Lands.FRAME, lambda: self.session.finish(self.reason, self.message, self.failure))
+
+
+@dataclass(frozen=True)
+class SetTempo(Command):
+    tempo: Tempo
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.tempo = self.tempo
 
 
 @dataclass(frozen=True)
@@ -156,31 +172,39 @@ class SessionHandle:
         self.params = session.params  # the latest sampling asked for (changes compose across set_prompt)
 
     def set_prompt(self, text: str | None = None, params: SamplingParams | None = None, *,
-                   prompts: WeightedPrompts | None = None) -> None:
-        """A new text (or `prompts`, several weighted texts) and/or sampling; None keeps what is in effect."""
+                   prompts: WeightedPrompts | None = None, transition_frames: int = 0, at: At | None = None) -> None:
+        """A new text (or `prompts`, several weighted texts) and/or sampling; None keeps what is in effect.
+        transition_frames > 0: the weights move from the mix in effect to the new prompts over that many
+        frames (linearly, `frames.Transition`). at: when it lands (None: the next step; `timeline`)."""
         if text is not None and prompts is not None:
             raise ValueError("give text or prompts, not both")
+        if transition_frames and text is None and prompts is None:
+            raise ValueError("a transition needs text or prompts to move to")
         if params is not None:
             self.params = params
         if text is not None:
             prompts = WeightedPrompts.single(text)
-        self._engine.submit(SetPrompt(self._session, prompts, params))
+        self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at))
 
-    def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:
+    def append_audio(self, audio: np.ndarray, replace_context: bool = False, at: At | None = None) -> None:
         """audio: (channels, samples) float32 at the model's rate."""
-        self._engine.submit(AppendAudio(self._session, audio, replace_context))
+        self._engine.submit(AppendAudio(self._session, audio, replace_context, at))
 
     def ack(self, samples: int) -> None:
         self._engine.submit(Ack(self._session, samples))
 
-    def pause(self) -> None:
-        self._engine.submit(Pause(self._session))
+    def pause(self, at: At | None = None) -> None:
+        self._engine.submit(Pause(self._session, at))
 
     def resume(self) -> None:
         self._engine.submit(Resume(self._session))
 
-    def stop(self) -> None:
-        self._engine.submit(Finish(self._session, FinishReason.STOPPED))
+    def stop(self, at: At | None = None) -> None:
+        self._engine.submit(Finish(self._session, FinishReason.STOPPED, at=at))
+
+    def set_tempo(self, tempo: Tempo) -> None:
+        """The session's tempo for commands scheduled at bars or beats (applies to those that follow)."""
+        self._engine.submit(SetTempo(self._session, tempo))
 
     def fail(self, message: str) -> None:
         """A bad request: the session ends with Finished(ERROR, message) and the totals sent so far."""
@@ -370,6 +394,12 @@ class Engine:
     def _step(self, ready: list[Session]) -> None:
         started = time.perf_counter()
         chunk = self.config.prefill_chunk_columns
+        for session in ready:  # scheduled commands now due, a transition's weights for this step
+            self._guard(session, session.before_step)
+        ready = [s for s in ready if s.ready()]
+        if not ready:
+            self._forget_finished()
+            return
         prefills = [p for p in (s.source.next_columns(chunk) for s in ready) if p is not None]
         try:
             results = self.model.step([s.state for s in ready], prefills=prefills,

@@ -9,6 +9,8 @@ import numpy as np
 
 from musicgen_core import SamplingParams, WeightedPrompts
 
+from .timeline import Tempo
+
 
 class SpecError(ValueError):
     """A request value out of range; `field` names it (the transport answers INVALID_ARGUMENT)."""
@@ -51,6 +53,7 @@ class SessionSpec:
     reprime_keep_frames: int = 0  # 0 = the engine's default
     start_paused: bool = False
     prompts: WeightedPrompts | None = None  # several texts with weights (text is then None)
+    tempo: Tempo | None = None  # for commands scheduled at bars and beats
 
     @property
     def weighted_prompts(self) -> WeightedPrompts:
@@ -100,6 +103,7 @@ class NoticeKind(Enum):
     AUDIO_APPENDED = "audio_appended"
     PAUSED = "paused"
     RESUMED = "resumed"
+    TRANSITION_ENDED = "transition_ended"
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Failure(Enum):
     INTERNAL = "internal"  # a server bug
     REQUEST = "request"  # a bad request: the transport that found it knows the status
     STALLED = "stalled"  # held at its lead with no ack (paced) or no read (unpaced) for the stall timeout
+    TOO_LATE = "too_late"  # a command scheduled at a frame already generated
 
 
 @dataclass(frozen=True)

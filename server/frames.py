@@ -22,6 +22,35 @@ class Limits:
     reprime_keep_frames: int  # frames of recent context a re-primed sequence starts from
 
 
+@dataclass(frozen=True)
+class Transition:
+    """A timed change of prompts: session frame `first + j` is completed (its last codebook sampled) under
+    start.blend(target, (j + 1) / frames), so the weights move linearly and frame first + frames - 1 is the
+    first under the target alone. `start` holds the mix at the change over both sets' texts."""
+
+    start: WeightedPrompts
+    target: WeightedPrompts
+    first: int
+    frames: int
+
+    def mix_at(self, frame: int) -> WeightedPrompts:
+        return self.start.blend(self.target, min(1.0, (frame - self.first + 1) / self.frames))
+
+    @property
+    def last(self) -> int:
+        return self.first + self.frames - 1
+
+
+@dataclass(frozen=True)
+class MixStep:
+    """What `FrameSource.before_step` did to the weights: the frame the coming step completes, the mix it
+    completes it under, and whether that ends a transition."""
+
+    frame: int
+    mix: WeightedPrompts
+    ends_transition: bool
+
+
 class TextEncodings:
     """The text encoder's output per prompt text, the most recently used `capacity` kept. The encoder is a pure
     function of the text, so a hit is exact; it spares a musicgen-small session ~45 ms of CPU time each time a
@@ -66,6 +95,7 @@ class FrameSource:
         self.frames_done = 0
         self.history = torch.zeros(model.config.decoder.num_codebooks, 0, dtype=torch.long)
         self.next: SequenceState | None = None  # the re-prime's next sequence, its cache being filled
+        self.transition: Transition | None = None  # a timed prompt change in progress
 
     @property
     def finished(self) -> bool:
@@ -132,10 +162,17 @@ class FrameSource:
         columns = build_delayed(prompt, decoder.delays, decoder.pad_token_id, stop)[:, done:stop]
         return self.next, columns
 
-    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None) -> int:
+    @property
+    def next_change_frame(self) -> int:
+        """The first frame the next step touches (samples any code of): where a prompt change lands."""
+        return self.frame_offset + self.state.grid.first_frame_of_next_column()
+
+    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None,
+                   transition_frames: int = 0) -> int:
         """New prompts (texts, weights) and/or sampling from the next column; the self-attention cache is kept
-        (a new set of prompts continues the rows `WeightedPrompts.rows_from` names). -> the first frame with any
-        code sampled under the change (earlier frames are untouched)."""
+        (a new set of prompts continues the rows `WeightedPrompts.rows_from` names). transition_frames > 0:
+        the weights move from the mix in effect to the new prompts over that many frames (`Transition`). -> the
+        first frame with any code sampled under the change (earlier frames are untouched)."""
         if params is not None:
             if params.uses_guidance != self.params.uses_guidance:
                 raise ValueError("sampling.guidance_scale: cannot switch guidance on or off mid-session")
@@ -143,18 +180,41 @@ class FrameSource:
                 self.generator.manual_seed(params.seed)
             self.params = params
             self.state.params = params
+        first = self.next_change_frame
         if prompts is not None:
-            before, self.prompts = self.prompts, prompts
-            if prompts.texts != before.texts:
-                rows = prompts.rows_from(before) + ([len(before)] if self.params.uses_guidance else [])
-                if rows != list(range(self.state.cache.rows)):
-                    self.state.cache = self.state.cache.select_rows(rows)
-                self.state.cross = self.model.cross_attention(self._conditioning(), self.params.uses_guidance)
-                self.next = None  # its cache was computed under the old texts
-            for state in (self.state, self.next):
-                if state is not None:
-                    state.prompt_weights = prompts.weights
-        return self.frame_offset + self.state.grid.first_frame_of_next_column()
+            self.transition = None
+            if transition_frames > 0:
+                start = self.prompts.blend(prompts, 0.0)  # the mix in effect, over both sets' texts
+                self.transition = Transition(start, prompts, first, transition_frames)
+                prompts = start
+            self._use_prompts(prompts)
+        return first
+
+    def before_step(self) -> MixStep | None:
+        """Before each step of a transition: the weights for the frame the step completes; after its last
+        frame, the target's texts alone (rows of texts it dropped go)."""
+        if self.transition is None:
+            return None
+        frame = self.next_change_frame
+        if frame > self.transition.last:
+            target, self.transition = self.transition.target, None
+            self._use_prompts(target)
+            return MixStep(frame, target, False)
+        mix = self.transition.mix_at(frame)
+        self._use_prompts(mix)
+        return MixStep(frame, mix, frame == self.transition.last)
+
+    def _use_prompts(self, prompts: WeightedPrompts) -> None:
+        before, self.prompts = self.prompts, prompts
+        if prompts.texts != before.texts:
+            rows = prompts.rows_from(before) + ([len(before)] if self.params.uses_guidance else [])
+            if rows != list(range(self.state.cache.rows)):
+                self.state.cache = self.state.cache.select_rows(rows)
+            self.state.cross = self.model.cross_attention(self._conditioning(), self.params.uses_guidance)
+            self.next = None  # its cache was computed under the old texts
+        for state in (self.state, self.next):
+            if state is not None:
+                state.prompt_weights = prompts.weights
 
     def append(self, codes: torch.Tensor, replace_context: bool) -> None:
         """Continue from these codes: alone (replace_context: an exact offline continuation of them), or after

@@ -23,7 +23,8 @@ log = logging.getLogger("musicgen.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 FAILURE_STATUS = {Failure.INTERNAL: grpc.StatusCode.INTERNAL, Failure.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED,
-                  Failure.REQUEST: grpc.StatusCode.INVALID_ARGUMENT}
+                  Failure.REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+                  Failure.TOO_LATE: grpc.StatusCode.FAILED_PRECONDITION}
 HALF_CLOSE_WAIT_SECONDS = 2.0  # after Finished, how long the call waits for the client to half-close
 
 
@@ -235,7 +236,7 @@ class MusicGenService:
                 if kind is None:
                     raise _Abort(INVALID, "request: empty message (no member of the oneof set)")
                 await self._steer(kind, message, handle, parts, progress, paced)
-                stopped = kind == "stop"
+                stopped = kind == "stop" and not message.stop.HasField("at")  # a scheduled stop still takes acks
             handle.stop()  # half-close: the client has nothing more to say, so the session ends
         except _Abort as abort:
             queue.put_nowait(abort)
@@ -258,11 +259,13 @@ class MusicGenService:
             if paced:  # unpaced sessions are acked by delivery (see _run); the client's acks are only checked
                 handle.ack(played)
         elif kind == "pause":
-            handle.pause()
+            handle.pause(convert.at_from_pb(message.pause, "pause.at"))
         elif kind == "resume":
             handle.resume()
         elif kind == "stop":
-            handle.stop()
+            handle.stop(convert.at_from_pb(message.stop, "stop.at"))
+        elif kind == "set_tempo":
+            handle.set_tempo(convert.tempo_from_pb(message.set_tempo, "set_tempo"))
         elif kind == "set_prompt":
             change = message.set_prompt
             text, prompts = None, None
@@ -279,7 +282,13 @@ class MusicGenService:
                 if params.uses_guidance != current.uses_guidance:
                     raise SpecError("set_prompt.sampling.guidance_scale",
                                     "cannot switch guidance on or off mid-session (<= 1 vs > 1)")
-            handle.set_prompt(text, params, prompts=prompts)
+            transition = 0
+            if change.HasField("transition"):
+                if text is None and prompts is None:
+                    raise SpecError("set_prompt.transition", "needs text or prompts to move to")
+                transition = convert.transition_frames(self.model, change.transition, "set_prompt.transition")
+            handle.set_prompt(text, params, prompts=prompts, transition_frames=transition,
+                              at=convert.at_from_pb(change, "set_prompt.at"))
         elif kind == "append_audio":
             await self._append(message.append_audio, handle, parts)
 
@@ -307,4 +316,4 @@ class MusicGenService:
             parts.clear()
             model_audio = await asyncio.to_thread(convert.audio_for_model, self.model, joined, rate,
                                                   "append_audio.audio")
-            handle.append_audio(model_audio, append.replace_context)
+            handle.append_audio(model_audio, append.replace_context, convert.at_from_pb(append, "append_audio.at"))

@@ -22,6 +22,7 @@ from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind,
                      SessionStats, Started)
 from .frames import FrameSource, Limits, TextEncodings
 from .headroom import RunningRate
+from .timeline import At, Lands, Tempo, resolve
 
 __all__ = ["Limits", "Session", "TextEncodings"]
 
@@ -43,6 +44,8 @@ class Session:
         self.stats = SessionStats()
         self.rate = RunningRate()  # running real-time factor, fed by the engine after each turn it steps in
         self.created = time.monotonic()
+        self.tempo: Tempo | None = spec.tempo
+        self.scheduled: list[tuple[int, Lands, Callable[[], None]]] = []  # (frame, how it lands, the action)
 
     @property
     def params(self) -> SamplingParams:
@@ -133,13 +136,68 @@ class Session:
 
     # -- steering (applied between steps) ----------------------------------------------------------------
 
-    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None) -> None:
-        """New text and/or sampling from the next generated column. A chunk starts at the first frame with any
-        code sampled under the change, labelled with the new revision."""
-        first = self.source.set_prompt(prompts, params)
+    def set_prompt(self, prompts: WeightedPrompts | None, params: SamplingParams | None,
+                   transition_frames: int = 0) -> None:
+        """New text and/or sampling from the next generated column (the weights moving over
+        `transition_frames` frames when > 0). A chunk starts at the first frame with any code sampled under the
+        change, labelled with the new revision."""
+        first = self.source.set_prompt(prompts, params, transition_frames)
         revision = self.chunker.revise(first, self.source.prompts, self.params)
         self._send()
-        self._notice(NoticeKind.PROMPT_APPLIED, first, f"prompt revision {revision.number} applies from frame {first}")
+        message = f"prompt revision {revision.number} applies from frame {first}"
+        if self.source.transition is not None:
+            message += f", its weights moving over {transition_frames} frames to frame {self.source.transition.last}"
+        self._notice(NoticeKind.PROMPT_APPLIED, first, message)
+
+    # -- scheduled commands -------------------------------------------------------------------------------
+
+    def when(self, at: At | None, lands: Lands, action: Callable[[], None]) -> None:
+        """Run `action` now (at None) or when generation reaches the frame `at` names; a frame already
+        generated ends the session with FAILED_PRECONDITION naming the field (a command meant for a bar line
+        must not land elsewhere)."""
+        if at is None:
+            action()
+            return
+        if self.finished:
+            return
+        earliest = self._earliest(lands)
+        try:
+            frame = resolve(at, self.tempo, self.audio.samples_per_frame, self.audio.output_rate, earliest)
+        except ValueError as error:
+            self.finish(FinishReason.ERROR, str(error), Failure.REQUEST)
+            return
+        if frame < earliest:
+            spf = self.audio.samples_per_frame
+            self.finish(FinishReason.ERROR,
+                        f"{at.field}: frame {frame} (sample {round(frame * spf)}) is already generated; the "
+                        f"earliest it can land now is frame {earliest} (sample {round(earliest * spf)})",
+                        Failure.TOO_LATE)
+            return
+        self.scheduled.append((frame, lands, action))
+        self.scheduled.sort(key=lambda item: item[0])  # stable: same-frame commands keep their order
+
+    def _earliest(self, lands: Lands) -> int:
+        return self.source.next_change_frame if lands is Lands.CHANGE else self.source.frames_done
+
+    def before_step(self) -> None:
+        """Scheduled commands now due, then the weights of a transition in progress for the frame this step
+        completes."""
+        while self.scheduled and not self.finished:
+            due = [item for item in self.scheduled if self._earliest(item[1]) >= item[0]]
+            if not due:
+                break
+            self.scheduled.remove(due[0])
+            due[0][2]()
+        if self.finished or self.paused:
+            return
+        step = self.source.before_step()
+        if step is None:
+            return
+        self.chunker.mix_from(step.frame, step.mix)
+        if step.ends_transition:
+            self._notice(NoticeKind.TRANSITION_ENDED, step.frame,
+                         f"transition of prompt revision {self.chunker.revision.number} complete at frame "
+                         f"{step.frame}: {step.mix.label}")
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False) -> None:
         """Continue from this audio (channels, samples at the model's rate). replace_context: it alone becomes

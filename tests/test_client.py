@@ -158,7 +158,7 @@ def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server
                                cwd=ROOT, env=env)
     try:
         for line, pause in (("", 0.6), (":weights ambient pad=nan", 0.2), (":weights ambient pad=1, dark techno=1", 0.5),
-                            (":quit", 0.6)):
+                            (":morph 5f funky bass=1", 0.2), (":morph 3x y", 0.5), (":quit", 0.6)):
             time.sleep(pause)
             process.stdin.write(line + "\n")
             process.stdin.flush()
@@ -169,7 +169,34 @@ def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server
     output = stdout + stderr
     assert "'ambient pad' has weight nan" in output  # refused here: the session plays on
     assert "prompts sent: ambient pad=1 | dark techno=1" in output
-    assert len([line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]) == 1
+    assert len([line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]) == 2
+    assert "notice: transition ended at frame" in output
+    assert "morph: expected" in output  # a malformed :morph is a message; the session plays on
+    assert "finished: stopped" in output
+
+
+def test_live_mode_schedules_commands_at_bars_of_its_tempo(server):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live", "lofi",
+                                "--tempo", "600", "--beats-per-bar", "2", "--no-playback", "--lead", "0.5"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env)
+    try:  # at 600 bpm a bar of 2 beats is 0.2 s: 10 frames
+        for line, pause in (("", 0.6), (":at bar 0 dark techno", 0.1), (":at soon x", 0.1),
+                            (":at next-bar :morph 5f ambient", 0.8), (":quit", 0.3)):
+            time.sleep(pause)
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    output = stdout + stderr
+    assert "at: sample 0 was already received" in output  # refused here: the server would end the session
+    assert "at: expected" in output
+    applied = [int(line.split("at frame ")[1].split(",")[0]) for line in output.splitlines()
+               if line.startswith("notice: prompt applied at frame ")]
+    assert len(applied) == 1 and applied[0] % 10 == 0  # on a bar line
     assert "finished: stopped" in output
 
 

@@ -59,24 +59,28 @@ SESSION_REQUESTS = {
         output=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_FLOAT32_LE, sample_rate=48000),
         decoder_lookahead_frames=0, max_lead_seconds=1.5, client_name="test", return_codes=True)),
     "set_prompt": pb.SessionRequest(set_prompt=pb.SetPrompt(text="", sampling=pb.Sampling(temperature=0.8))),
+    "set_prompt_weighted_at_a_bar": pb.SessionRequest(set_prompt=pb.SetPrompt(
+        prompts=[pb.WeightedPrompt(text="a", weight=0.25), pb.WeightedPrompt(text="b", weight=0.75)],
+        transition=pb.Transition(seconds=4.0), at=pb.At(bar=8))),
     "append_audio": pb.SessionRequest(append_audio=pb.AppendAudio(audio=_sample_audio(), partial=True)),
     "ack": pb.SessionRequest(ack=pb.Ack(samples_played=123_456_789_012)),
     "pause": pb.SessionRequest(pause=pb.Pause()),
     "resume": pb.SessionRequest(resume=pb.Resume()),
-    "stop": pb.SessionRequest(stop=pb.Stop()),
+    "stop": pb.SessionRequest(stop=pb.Stop(at=pb.At(sample=96_000))),
+    "set_tempo": pb.SessionRequest(set_tempo=pb.Tempo(bpm=122.5, beats_per_bar=3, beat_one_sample=1234)),
 }
 
 
 def test_every_session_request_member_is_covered():
     members = {f.name for f in pb.SessionRequest.DESCRIPTOR.oneofs_by_name["request"].fields}
-    assert members == set(SESSION_REQUESTS)
+    assert members == {request.WhichOneof("request") for request in SESSION_REQUESTS.values()}
 
 
 @pytest.mark.parametrize("member", sorted(SESSION_REQUESTS))
 def test_session_request_round_trips_through_bytes(member):
     request = SESSION_REQUESTS[member]
     decoded = pb.SessionRequest.FromString(request.SerializeToString())
-    assert decoded.WhichOneof("request") == member
+    assert decoded.WhichOneof("request") == request.WhichOneof("request")
     assert decoded == request
 
 
@@ -187,14 +191,20 @@ PUBLISHED_NUMBERS = {
     "AudioFormat": {"encoding": 1, "sample_rate": 2, "channels": 3},
     "Sampling": {"guidance_scale": 1, "temperature": 2, "top_k": 3, "top_p": 4, "greedy": 5, "seed": 6},
     "SessionRequest": {"start": 1, "set_prompt": 2, "append_audio": 3, "ack": 4, "pause": 5, "resume": 6,
-                       "stop": 7},
+                       "stop": 7, "set_tempo": 8},
+    "Tempo": {"bpm": 1, "beats_per_bar": 2, "beat_one_sample": 3},
+    "At": {"sample": 1, "frame": 2, "bar": 3, "beat": 4, "next_bar": 5, "next_beat": 6},
+    "Pause": {"at": 1},
+    "Stop": {"at": 1},
     "StartSession": {"prompt": 1, "sampling": 2, "audio_prompt": 3, "duration_seconds": 4, "duration_frames": 5,
                      "unbounded": 6, "chunk_frames": 7, "output": 8, "decoder_lookahead_frames": 9,
                      "max_lead_seconds": 10, "unpaced": 11, "client_name": 12, "start_paused": 13,
-                     "context_frames": 14, "reprime_keep_frames": 15, "return_codes": 16, "prompts": 17},
+                     "context_frames": 14, "reprime_keep_frames": 15, "return_codes": 16, "prompts": 17,
+                     "tempo": 18},
     "WeightedPrompt": {"text": 1, "weight": 2},
-    "SetPrompt": {"text": 1, "sampling": 2, "prompts": 3},
-    "AppendAudio": {"audio": 1, "partial": 2, "replace_context": 3},
+    "SetPrompt": {"text": 1, "sampling": 2, "prompts": 3, "transition": 4, "at": 5},
+    "Transition": {"seconds": 1, "frames": 2},
+    "AppendAudio": {"audio": 1, "partial": 2, "replace_context": 3, "at": 4},
     "Ack": {"samples_played": 1},
     "GenerateRequest": {"request": 1},
     "SessionEvent": {"started": 1, "audio": 2, "notice": 3, "finished": 4},
@@ -223,7 +233,7 @@ PUBLISHED_ENUMS = {
     "AudioEncoding": {"AUDIO_ENCODING_FLOAT32_LE": 1, "AUDIO_ENCODING_INT16_LE": 2},
     "NoticeKind": {"NOTICE_KIND_PROMPT_APPLIED": 1, "NOTICE_KIND_CONTEXT_REPRIMED": 2,
                    "NOTICE_KIND_AUDIO_APPENDED": 3, "NOTICE_KIND_PAUSED": 4, "NOTICE_KIND_RESUMED": 5,
-                   "NOTICE_KIND_SERVER_DRAINING": 6},
+                   "NOTICE_KIND_SERVER_DRAINING": 6, "NOTICE_KIND_TRANSITION_ENDED": 7},
     "FinishReason": {"FINISH_REASON_COMPLETED": 1, "FINISH_REASON_STOPPED": 2,
                      "FINISH_REASON_SERVER_SHUTDOWN": 3, "FINISH_REASON_ERROR": 4},
 }

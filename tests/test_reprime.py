@@ -136,6 +136,25 @@ def test_weighted_prompts_changing_while_the_next_sequence_is_prepared_give_the_
                       "ambient pads=0.333 | warm lofi beat=0.667"}
 
 
+def test_a_timed_transition_across_reprimes_gives_the_plain_reprimes_codes(model, monkeypatch):
+    """A transition's union of texts is prepared like any set of prompts, its weights move every step, and at
+    its end the rows of the old text go: the codes are those of re-primes that prefill at the switch."""
+    def steer(turn, handles):
+        if turn == 20:
+            handles[0].set_prompt(prompts=WeightedPrompts.of([("dark techno", 1.0), ("ambient pads", 0.5)]),
+                                  transition_frames=50)
+
+    prepared = run(Engine(model, WINDOW), session_spec(model, 150), steer=steer)[0]
+    with monkeypatch.context() as patch:
+        without_preparation(patch)
+        plain = run(Engine(model, WINDOW), session_spec(model, 150), steer=steer)[0]
+    assert reprimes_of(prepared) >= 4
+    assert np.array_equal(codes_of(prepared), codes_of(plain))
+    ended = [e for e in prepared if isinstance(e, Notice) and e.kind == NoticeKind.TRANSITION_ENDED]
+    applied = [e for e in prepared if isinstance(e, Notice) and e.kind == NoticeKind.PROMPT_APPLIED]
+    assert [e.frame for e in ended] == [applied[0].frame + 49]
+
+
 def test_a_long_audio_prompt_is_read_a_chunk_per_turn_while_another_session_plays(model, monkeypatch):
     prompt_codes = torch.randint(0, model.config.decoder.vocab_size, (model.config.decoder.num_codebooks, 30),
                                  generator=torch.Generator().manual_seed(1))

@@ -90,6 +90,9 @@ START_CASES = [
      "start.prompts"),
     ("prompt_and_prompts", pb.StartSession(prompt="a", prompts=[pb.WeightedPrompt(text="b", weight=1.0)]),
      "start.prompts"),
+    ("tempo_bpm_zero", pb.StartSession(tempo=pb.Tempo(bpm=0.0, beats_per_bar=4)), "start.tempo.bpm"),
+    ("tempo_bpm_nan", pb.StartSession(tempo=pb.Tempo(bpm=math.nan, beats_per_bar=4)), "start.tempo.bpm"),
+    ("tempo_no_beats", pb.StartSession(tempo=pb.Tempo(bpm=120.0)), "start.tempo.beats_per_bar"),
     ("weighted_text_over_limit", pb.StartSession(prompts=[pb.WeightedPrompt(text=TOO_LONG, weight=1.0)]),
      "start.prompts[0].text"),
     ("context", pb.StartSession(context_frames=100000), "start.context_frames"),
@@ -168,6 +171,19 @@ STEER_CASES = [
         prompts=[pb.WeightedPrompt(text=f"p{i}", weight=1.0) for i in range(5)])), INVALID, "set_prompt.prompts"),
     ("text_and_prompts", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", prompts=[pb.WeightedPrompt(
         text="b", weight=1.0)])), INVALID, "set_prompt.prompts"),
+    ("bar_without_tempo", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", at=pb.At(bar=4))), INVALID,
+     "set_prompt.at.bar"),
+    ("next_beat_without_tempo", pb.SessionRequest(pause=pb.Pause(at=pb.At(next_beat=True))), INVALID,
+     "pause.at.next_beat"),
+    ("set_tempo_zero", pb.SessionRequest(set_tempo=pb.Tempo(bpm=0.0, beats_per_bar=4)), INVALID, "set_tempo.bpm"),
+    ("transition_alone", pb.SessionRequest(set_prompt=pb.SetPrompt(transition=pb.Transition(seconds=2.0))),
+     INVALID, "set_prompt.transition"),
+    ("transition_nan", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
+        seconds=math.nan))), INVALID, "set_prompt.transition.seconds"),
+    ("transition_negative", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
+        seconds=-1.0))), INVALID, "set_prompt.transition.seconds"),
+    ("transition_too_long", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
+        frames=10 ** 6))), INVALID, "set_prompt.transition.frames"),
     ("bad_sampling", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(top_k=0, top_p=0.0))),
      INVALID, "set_prompt.sampling.top_p"),
     ("guidance_switch", pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(guidance_scale=1.0))),
@@ -190,6 +206,17 @@ def test_bad_message_mid_session_ends_it_with_its_status(server, bystander, requ
     error = call_status(server, [start_request("warm lofi beat", max_lead_seconds=0.1), *requests])
     assert error.code() == code
     assert_names_its_field(error.details(), text)
+
+
+def test_a_change_scheduled_at_a_frame_already_generated_is_failed_precondition(server, bystander):
+    queue = RequestQueue(start_request("warm lofi beat", unpaced=True, chunk_frames=10))
+    with pytest.raises(grpc.RpcError) as error:
+        for event in server.stub().Session(iter(queue), timeout=30):
+            if event.WhichOneof("event") == "audio":  # frames 0-9 are out: frame 2 is long past
+                queue.send(pb.SessionRequest(set_prompt=pb.SetPrompt(text="dark techno", at=pb.At(frame=2))))
+    assert error.value.code() == PRECONDITION
+    assert_names_its_field(error.value.details(), "set_prompt.at.frame")
+    assert "frame 2 (sample 1280) is already generated" in error.value.details()
 
 
 def test_bad_message_mid_session_first_sends_finished_with_totals(server):

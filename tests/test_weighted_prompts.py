@@ -1,6 +1,6 @@
 """Weighted prompts over a real server on loopback: one conditional row per prompt, guidance
-uncond + g * sum_i w_i (cond_i - uncond) with weights normalised to sum 1, and changes of texts and weights
-while a session plays."""
+uncond + g * sum_i w_i (cond_i - uncond) with weights normalised to sum 1, changes of texts and weights while
+a session plays, and timed transitions between them."""
 
 from __future__ import annotations
 
@@ -68,12 +68,13 @@ def reference(model: MusicGen, prompts: WeightedPrompts, frames: int,
     return state.grid.frames(0, frames).numpy()
 
 
-def steered(server, start: pb.StartSession, change: pb.SetPrompt, frames_after: int = 12):
+def steered(server, start: pb.StartSession, change: pb.SetPrompt, frames_after: int = 12, notices=None):
     """A paced session steered once after its first audio: (codes (codebooks, frames), the PROMPT_APPLIED
-    frame, the chunks)."""
+    frame, the chunks); the notices go to `notices` when given."""
     requests = RequestQueue(pb.SessionRequest(start=start))
     call = server.stub().Session(iter(requests))
     chunks, applied = [], None
+    notices = [] if notices is None else notices
     for event in call:
         kind = event.WhichOneof("event")
         if kind == "audio":
@@ -86,8 +87,10 @@ def steered(server, start: pb.StartSession, change: pb.SetPrompt, frames_after: 
                 break
             last = chunks[-1]
             requests.send(pb.SessionRequest(ack=pb.Ack(samples_played=last.start_sample + last.sample_count)))
-        elif kind == "notice" and event.notice.kind == pb.NOTICE_KIND_PROMPT_APPLIED:
-            applied = event.notice.frame
+        elif kind == "notice":
+            notices.append(event.notice)
+            if event.notice.kind == pb.NOTICE_KIND_PROMPT_APPLIED:
+                applied = event.notice.frame
     collect(call)
     codes = np.array([code for c in chunks for code in c.codes]).reshape(-1, 4).T
     return codes, applied, chunks
@@ -167,3 +170,70 @@ def test_two_texts_back_to_one_keeps_that_texts_row(server, model):
     assert np.array_equal(codes, reference(model, start, frames,
                                            switch=(applied + 3, WeightedPrompts.single(TECHNO))))
     assert chunks[-1].prompt == TECHNO
+
+
+@torch.inference_mode()
+def transition_reference(model: MusicGen, before: WeightedPrompts, frames: int, at_step: int,
+                         target: WeightedPrompts, length: int) -> np.ndarray:
+    """Greedy, unbounded, with the core API: from step `at_step` frame F + j (F the first frame the change
+    touches) is completed under before.blend(target, min(1, (j + 1) / length)); after frame F + length - 1 only
+    the target's texts are rows."""
+    params = model.default_sampling(greedy=True, guidance_scale=3.0)
+    encode = lambda p: [model.encode_text([t])[0] for t in p.texts]  # noqa: E731
+    state = model.start_sequence(encode(before), params, weights=before.weights)
+    prompts, first, union = before, None, None
+
+    def use(new: WeightedPrompts) -> None:
+        nonlocal prompts
+        if new.texts != prompts.texts:
+            state.cache = state.cache.select_rows(new.rows_from(prompts) + [len(prompts)])
+            state.cross = model.cross_attention(encode(new), True)
+        state.prompt_weights, prompts = new.weights, new
+
+    step = 0
+    while state.grid.first_frame_of_next_column() < frames:
+        frame = state.grid.first_frame_of_next_column()
+        if step == at_step:
+            first, union = frame, prompts.blend(target, 0.0)
+            use(union)
+        if first is not None and frame > first + length - 1:
+            use(target)
+        elif first is not None:
+            use(union.blend(target, min(1.0, (frame - first + 1) / length)))
+        model.step([state])
+        step += 1
+    return state.grid.frames(0, frames).numpy()
+
+
+def test_a_timed_transition_moves_the_weights_linearly_over_its_frames(server, model):
+    before, target, length = WeightedPrompts.single(LOFI), WeightedPrompts.of([(TECHNO, 1.0), (PADS, 1.0)]), 6
+    notices = []
+    codes, applied, chunks = steered(server, paced_start(prompt=LOFI),
+                                     pb.SetPrompt(prompts=weighted((TECHNO, 1.0), (PADS, 1.0)),
+                                                  transition=pb.Transition(frames=length)),
+                                     frames_after=length + 8, notices=notices)
+    frames = codes.shape[1]
+    assert np.array_equal(codes, transition_reference(model, before, frames, applied + 3, target, length))
+    ended = [n.frame for n in notices if n.kind == pb.NOTICE_KIND_TRANSITION_ENDED]
+    assert ended == [applied + length - 1]
+    for chunk in chunks:  # one frame each: every step of the ramp is reported
+        j = chunk.first_frame - applied
+        if j < 0:
+            expected = [(LOFI, 1.0)]
+        elif j < length:  # the last frame of the ramp is the first at the new weights (the old text's at 0)
+            a = (j + 1) / length
+            expected = [(LOFI, 1 - a), (TECHNO, 0.5 * a), (PADS, 0.5 * a)]
+        else:  # then the old text's row is gone
+            expected = [(TECHNO, 0.5), (PADS, 0.5)]
+        got = [(p.text, p.weight) for p in chunk.prompts]
+        assert [t for t, _ in got] == [t for t, _ in expected], chunk.first_frame
+        assert np.allclose([w for _, w in got], [w for _, w in expected], atol=1e-12), chunk.first_frame
+
+
+def test_a_transition_of_the_same_texts_changes_only_the_weights(server, model):
+    start = WeightedPrompts.of([(LOFI, 1.0), (TECHNO, 0.0)])
+    target = start.with_weights((0.0, 1.0))
+    codes, applied, _ = steered(server, paced_start(prompts=weighted((LOFI, 1.0), (TECHNO, 0.0))),
+                                pb.SetPrompt(prompts=weighted((LOFI, 0.0), (TECHNO, 1.0)),
+                                             transition=pb.Transition(seconds=0.1)), frames_after=12)
+    assert np.array_equal(codes, transition_reference(model, start, codes.shape[1], applied + 3, target, 5))
