@@ -109,6 +109,7 @@ class Started:
     prompt: str
     paused: bool
     prompts: tuple[tuple[str, float], ...] = ()  # (text, normalised weight) in effect at the start
+    first_sample: int = 0  # where the first chunk starts: a resumed session's StartOptions.resume_at_sample
 
     @property
     def duration_samples(self) -> int | None:
@@ -238,6 +239,7 @@ class EventTracker:
             self.samples_received = event.end_sample
         elif isinstance(event, Started):
             self.started = event
+            self.samples_received = event.first_sample  # a resumed session's numbering goes on from there
         elif isinstance(event, Notice) and self.keeps_notices:
             self.notices.append(event)
         elif isinstance(event, Finished):
@@ -246,7 +248,8 @@ class EventTracker:
     def has_every_frame(self, chunk: AudioChunk) -> bool:
         """Does this chunk end a finite stream (every frame received)?"""
         total = self.started.duration_frames if self.started else None
-        return total is not None and chunk.first_frame + chunk.frame_count >= total
+        first = round(self.started.first_sample / self.started.samples_per_frame) if self.started else 0
+        return total is not None and chunk.first_frame + chunk.frame_count - first >= total
 
 
 def decode_interleaved_pcm(pcm: bytes, encoding: Encoding, channels: int) -> np.ndarray:
@@ -282,7 +285,7 @@ def started_from_pb(message: pb.Started) -> Started:
         max_lead_seconds=message.max_lead_seconds, unpaced=message.unpaced,
         duration_frames=message.duration_frames if message.HasField("duration_frames") else None,
         audio_prompt_frames=message.audio_prompt_frames, prompt=message.prompt, paused=message.paused,
-        prompts=_prompts_from_pb(message.prompts))
+        prompts=_prompts_from_pb(message.prompts), first_sample=message.first_sample)
 
 
 def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:

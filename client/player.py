@@ -89,6 +89,7 @@ class Player:
         started: Started = session.started
         self.session = session
         self.stream_rate = started.sample_rate
+        self.first_sample = started.first_sample  # a resumed session's numbering starts there (acks too)
         self.stream_channels = started.channels
         self.ack_interval = ack_interval
         self.on_event = on_event
@@ -337,4 +338,4 @@ class Player:
         while not self._closing.wait(self.ack_interval):
             if self.session.finished is not None or self._drained:
                 return
-            self.session.ack(self.samples_played)
+            self.session.ack(self.first_sample + self.samples_played)

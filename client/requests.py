@@ -122,6 +122,8 @@ class StartOptions:
     prompt: str = ""
     prompts: "PromptWeights | None" = None  # several texts with weights instead of `prompt`
     tempo: Tempo | None = None  # for steering at bars and beats
+    resume_codes: np.ndarray | None = None  # (frames, codebooks) codes to continue from (AudioChunk.codes joined)
+    resume_at_sample: int = 0  # the output sample those frames end at: where the new session's audio starts
     sampling: Sampling = Sampling()
     seconds: float | None = None
     frames: int | None = None
@@ -167,6 +169,12 @@ class StartOptions:
             start.prompts.extend(weighted_prompts(self.prompts))
         if self.tempo is not None:
             start.tempo.CopyFrom(self.tempo.to_pb())
+        if self.resume_codes is not None:
+            codes = np.asarray(self.resume_codes)
+            if codes.ndim != 2:
+                raise ValueError(f"resume_codes: (frames, codebooks) codes, got shape {codes.shape}")
+            start.resume.codes.extend(codes.astype(np.int64).reshape(-1).tolist())
+            start.resume.at_sample = int(self.resume_at_sample)
         if self.seconds is not None and self.frames is not None:
             raise ValueError("give seconds or frames, not both")
         if self.seconds is not None:

@@ -8,7 +8,7 @@ Chunk frames [f, f + n) carry exactly output samples [f * spf, (f + n) * spf) an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -53,6 +53,13 @@ class Chunker:
     @property
     def revision(self) -> Revision:
         return self.revisions[-1]
+
+    def continue_at(self, frame: int) -> None:
+        """A resumed session: numbering (frames, samples, acks) continues from `frame`."""
+        self.frames_sent = frame
+        self.acked_samples = self.samples_sent
+        self.revisions = [replace(r, from_frame=frame) for r in self.revisions]
+        self.mixes = [(frame, prompts) for _, prompts in self.mixes]
 
     def add_frame(self, codes: torch.Tensor) -> None:
         self.unsent_codes = torch.cat([self.unsent_codes, codes[:, None]], dim=1)

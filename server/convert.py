@@ -16,7 +16,7 @@ from musicgen_core import MusicGen, PromptTooLongError, SamplingParams, Weighted
 from musicgen_core.prompts import PromptSetError
 from musicgen_core.streaming_codec import decoder_lookahead_samples
 
-from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
+from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, ResumeFrom, SessionSpec,
                      SpecError, Started)
 from .timeline import At, Tempo
 
@@ -75,6 +75,27 @@ def at_from_pb(message, field: str) -> At | None:
         return None
     value = 0 if kind in ("next_bar", "next_beat") else getattr(message.at, kind)
     return At(kind, value, f"{field}.{kind}")
+
+
+def resume_from_pb(model: MusicGen, resume: pb.ResumeFrom, output_rate: int, field: str) -> ResumeFrom:
+    """Codes and the sample to continue at, checked against the model (the window is the engine's check)."""
+    decoder = model.config.decoder
+    books, size = decoder.num_codebooks, decoder.vocab_size
+    codes = np.asarray(resume.codes, dtype=np.int64)
+    if codes.size == 0 or codes.size % books:
+        raise SpecError(f"{field}.codes", f"must be whole frames of {books} codes (frame-major), got {codes.size}")
+    if codes.max() >= size:
+        raise SpecError(f"{field}.codes", f"every code must be in [0, {size}), got {int(codes.max())}")
+    frames = codes.size // books
+    spf = model.config.audio_encoder.hop_length * output_rate // model.config.sampling_rate
+    if resume.at_sample % spf:
+        raise SpecError(f"{field}.at_sample", f"must be a whole number of frames ({spf} samples each at "
+                                              f"{output_rate} Hz), got {resume.at_sample}")
+    first = resume.at_sample // spf
+    if first < frames:
+        raise SpecError(f"{field}.at_sample", f"the {frames} frames of codes end at frame {first}, so they would "
+                                              f"start before frame 0")
+    return ResumeFrom(codes.reshape(frames, books).T.copy(), first)
 
 
 def tempo_from_pb(tempo: pb.Tempo, field: str) -> Tempo:
@@ -225,6 +246,11 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
     if len(start.client_name) > 128:
         raise SpecError(f"{field}.client_name", "at most 128 characters")
     unpaced = start.unpaced or not paced
+    resume = None
+    if start.HasField("resume"):
+        if audio_prompt is not None:
+            raise SpecError(f"{field}.resume", "give audio_prompt or resume, not both")
+        resume = resume_from_pb(model, start.resume, rate or model.config.sampling_rate, f"{field}.resume")
     return SessionSpec(
         text=text or None, params=params, total_frames=total, audio_prompt=audio_prompt, chunk_frames=chunk,
         output_rate=rate if rate != model.config.sampling_rate else 0, encoding=encoding,
@@ -233,7 +259,7 @@ def spec_from_pb(model: MusicGen, start: pb.StartSession, *, paced: bool, field:
         delivery_lead_seconds=UNPACED_LEAD_SECONDS if unpaced else None,
         client_name=start.client_name, context_frames=start.context_frames,
         reprime_keep_frames=start.reprime_keep_frames, start_paused=start.start_paused and paced, prompts=prompts,
-        tempo=tempo_from_pb(start.tempo, f"{field}.tempo") if start.HasField("tempo") else None)
+        tempo=tempo_from_pb(start.tempo, f"{field}.tempo") if start.HasField("tempo") else None, resume=resume)
 
 
 def _duration_frames(model: MusicGen, start: pb.StartSession, paced: bool, field: str) -> int | None:
@@ -329,7 +355,7 @@ def _started_to_pb(event: Started, spec: SessionSpec) -> pb.Started:
         decoder_lookahead_frames=event.lookahead_frames, exact_decoding=event.exact_decoding,
         max_lead_seconds=spec.max_lead_seconds or 0.0, unpaced=spec.max_lead_seconds is None,
         audio_prompt_frames=event.prompt_frames, prompt=spec.weighted_prompts.label, paused=event.paused,
-        prompts=prompts_to_pb(spec.weighted_prompts))
+        prompts=prompts_to_pb(spec.weighted_prompts), first_sample=event.first_frame * event.samples_per_frame)
     if spec.total_frames is not None:
         message.duration_frames = spec.total_frames
     return message

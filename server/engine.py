@@ -256,6 +256,9 @@ class Engine:
             if not 1 <= spec.reprime_keep_frames < window:
                 raise SpecError("reprime_keep_frames", f"must be in [1, {window - 1}], got {spec.reprime_keep_frames}")
             reprime = spec.reprime_keep_frames
+        if spec.resume is not None and spec.resume.codes.shape[1] > window:
+            raise SpecError("resume.codes", f"{spec.resume.codes.shape[1]} frames exceed the session's context "
+                                            f"window of {window} frames")
         return Limits(context_frames=window, reprime_keep_frames=reprime)
 
     # -- lifecycle ----------------------------------------------------------------------------------------

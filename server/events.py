@@ -34,6 +34,14 @@ class Encoding(Enum):
 
 
 @dataclass(frozen=True)
+class ResumeFrom:
+    """A session continued from its codes: frames [first_frame - n, first_frame) (codebooks, n) int64."""
+
+    codes: np.ndarray
+    first_frame: int
+
+
+@dataclass(frozen=True)
 class SessionSpec:
     text: str | None  # None or '' = unconditional; `prompts` instead for several weighted texts
     params: SamplingParams
@@ -54,6 +62,7 @@ class SessionSpec:
     start_paused: bool = False
     prompts: WeightedPrompts | None = None  # several texts with weights (text is then None)
     tempo: Tempo | None = None  # for commands scheduled at bars and beats
+    resume: ResumeFrom | None = None  # continue from these codes (another replica's session)
 
     @property
     def weighted_prompts(self) -> WeightedPrompts:
@@ -80,6 +89,7 @@ class Started:
     exact_decoding: bool
     lookahead_frames: int
     paused: bool
+    first_frame: int = 0  # a resumed session's first frame (its first sample: first_frame x samples_per_frame)
 
 
 @dataclass(frozen=True)

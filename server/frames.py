@@ -118,6 +118,16 @@ class FrameSource:
             prompt_codes = prompt_codes[:, -(self.limits.context_frames - 1):]
         self._start_sequence(prompt_codes)
 
+    def resume(self, codes: torch.Tensor, first_frame: int) -> None:
+        """The first sequence of a session continued from its codes (frames [first_frame - n, first_frame)):
+        what a re-prime at first_frame would start, so the frames after it are the re-prime's."""
+        self.frames_done = first_frame
+        if self.total_frames is not None:
+            self.total_frames += first_frame  # the duration counts from the resume point
+        self.history = codes[:, -self.limits.context_frames:]
+        keep = self.limits.reprime_keep_frames
+        self._start_sequence(codes[:, -keep:] if keep else None)
+
     def take(self, result: StepResult | None) -> torch.Tensor | None:
         """The generated frame this step completed, (codebooks,) codes, if any (prompt frames are not output;
         None: the step read a chunk of a long prompt and sampled nothing)."""

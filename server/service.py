@@ -169,7 +169,7 @@ class MusicGenService:
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,
                  spec.weighted_prompts.label, spec.total_frames, spec.max_lead_seconds is not None)
         paced = spec.max_lead_seconds is not None
-        progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged
+        progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged (absolute numbering)
         reader = (asyncio.create_task(self._read(requests, handle, queue, progress, paced))
                   if requests is not None else None)
 
@@ -192,6 +192,7 @@ class MusicGenService:
                     continue
                 if isinstance(item, Started):
                     started = item
+                    progress["sent"] = progress["acked"] = item.first_frame * item.samples_per_frame
                 message = convert.event_to_pb(item, spec, started, return_codes)
                 if message.WhichOneof("event") == "audio":
                     progress["sent"] += message.audio.sample_count

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
+import torch
 
 from musicgen_core import MusicGen, SamplingParams, StepResult, TextConditioning, WeightedPrompts
 
@@ -69,7 +70,13 @@ class Session:
         if spec.audio_prompt is not None:  # the client has this audio: decode it only to warm the codec state
             prompt_codes = self.source.encode_audio(spec.audio_prompt)
             self.chunker.add_pcm(self.audio.prime(prompt_codes))
-        self.source.start(prompt_codes)
+        if spec.resume is not None:  # the codec warmed by the same frames, their audio dropped (the client has it)
+            codes = torch.from_numpy(spec.resume.codes)
+            self.chunker.continue_at(spec.resume.first_frame)
+            self.chunker.add_pcm(self.audio.prime(codes))
+            self.source.resume(codes, spec.resume.first_frame)
+        else:
+            self.source.start(prompt_codes)
         audio, latency, spf = self.audio, self.audio.latency, self.audio.samples_per_frame
         self.sink(Started(
             session_id=self.id, sample_rate=audio.output_rate, channels=config.audio_channels,
@@ -78,8 +85,10 @@ class Session:
             latency_resampler_samples=(audio.send_lag_frames - audio.held_frames) * spf,
             latency_codebook_delay_samples=latency.delay_steps * spf,
             latency_decoder_lookahead_samples=audio.held_frames * spf, context_frames=self.limits.context_frames,
-            reprime_keep_frames=self.limits.reprime_keep_frames, prompt_frames=self.state.grid.prompt_frames,
-            exact_decoding=latency.exact, lookahead_frames=audio.held_frames, paused=self.paused))
+            reprime_keep_frames=self.limits.reprime_keep_frames,
+            prompt_frames=self.state.grid.prompt_frames if spec.resume is None else 0,
+            exact_decoding=latency.exact, lookahead_frames=audio.held_frames, paused=self.paused,
+            first_frame=spec.resume.first_frame if spec.resume is not None else 0))
 
     # -- scheduling ---------------------------------------------------------------------------------------
 
@@ -249,7 +258,9 @@ class Session:
     def _close_stats(self) -> None:
         self.stats.wall_seconds = time.monotonic() - self.created
         if self.chunker is not None:
-            self.stats.frames, self.stats.samples = self.chunker.frames_sent, self.chunker.samples_sent
+            first = self.spec.resume.first_frame if self.spec.resume is not None else 0  # counts, not positions
+            self.stats.frames = self.chunker.frames_sent - first
+            self.stats.samples = self.chunker.samples_sent - first * self.chunker.samples_per_frame
         if self.audio is not None:
             self.stats.decode_seconds = self.audio.decode_seconds
 
