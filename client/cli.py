@@ -305,6 +305,8 @@ LIVE_HELP = ("type a prompt and press Enter to steer; commands: :pause  :resume 
              ":prompt TEXT  :weights TEXT=W | TEXT=W  :morph 8s|400f TEXT or TEXT=W | ...  :tempo BPM [BEATS]  "
              ":at bar N|beat N|next-bar|next-beat|frame N|12.5s COMMAND  :quit")
 
+MAX_PROMPTS = 4  # ModelInfo.max_prompts of this version's servers
+
 _WEIGHTED = re.compile(r"\s*([^=|,]+?)\s*=\s*([^\s|,]+)\s*[|,]?")
 
 
@@ -323,9 +325,13 @@ def parse_weights(spec: str) -> list[tuple[str, float]]:
         position = match.end()
     if not pairs or spec[position:].strip():
         raise ValueError(f"weights: expected TEXT=WEIGHT pairs, e.g. 'warm lofi=0.7 | dark techno=0.3', got {spec!r}")
-    for text, weight in pairs:
+    if len(pairs) > MAX_PROMPTS:
+        raise ValueError(f"weights: at most {MAX_PROMPTS} prompts (the server's limit), got {len(pairs)}")
+    for index, (text, weight) in enumerate(pairs):
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weights: {text!r} has weight {weight:g}; weights are finite and >= 0")
+        if text in (earlier for earlier, _ in pairs[:index]):
+            raise ValueError(f"weights: {text!r} appears twice; give it one weight")
     if not any(weight > 0 for _, weight in pairs):
         raise ValueError("weights: at least one weight must be > 0")
     return pairs
@@ -394,9 +400,19 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
         if at.kind in ("bar", "beat", "next_bar", "next_beat") and session.tempo is None:
             progress.message("at: bars and beats need a tempo (--tempo BPM, or :tempo BPM)")
             return info
-        sample = at.sample_at(session.tempo, session.sample_rate)
-        if sample is not None and sample < session.samples_received:  # the server would end the session
-            progress.message(f"at: sample {sample} was already received ({session.samples_received}); too late")
+        if not (rest in (":pause", ":p", ":stop") or rest.startswith((":prompt ", ":weights ", ":morph "))
+                or not rest.startswith(":")):
+            progress.message(f"at: {rest.split()[0]!r} cannot be scheduled (prompts, :weights, :morph, :pause, "
+                             ":stop can)")
+            return info
+        started = session.started
+        sample = (at.value * started.samples_per_frame if at.kind == "frame"
+                  else at.sample_at(session.tempo, session.sample_rate))
+        # the server generates ahead of what it sent by up to its latency and a chunk: too close is too late
+        horizon = session.samples_received + started.latency_samples + started.chunk_samples
+        if sample is not None and sample < horizon:  # the server would end the session
+            progress.message(f"at: sample {round(sample)} is already generated or about to be (received "
+                             f"{session.samples_received}); too late")
             return info
         return _command(rest, session, client, info, progress, at)
     if line in (":pause", ":p"):
@@ -409,10 +425,10 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
     elif line.startswith(":tempo "):
         try:
             bpm, *beats = (float(v) for v in line[len(":tempo "):].split())
-            if not 0 < bpm <= 1000 or len(beats) > 1 or (beats and not 1 <= beats[0] <= 64):
+            if not 1 <= bpm <= 1000 or len(beats) > 1 or (beats and not 1 <= beats[0] <= 64):
                 raise ValueError
         except ValueError:
-            progress.message("tempo: expected ':tempo BPM [BEATS_PER_BAR]', BPM in (0, 1000], beats 1-64")
+            progress.message("tempo: expected ':tempo BPM [BEATS_PER_BAR]', BPM in [1, 1000], beats 1-64")
         else:
             session.set_tempo(bpm, int(beats[0]) if beats else 4)
             progress.message(f"tempo sent: {bpm:g} bpm")

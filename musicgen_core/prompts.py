@@ -52,10 +52,12 @@ class WeightedPrompts:
                 raise PromptSetError(f"{field}[{index}].weight", f"must be finite and >= 0, got {weight}")
             if text in (earlier for earlier, _ in pairs[:index]):
                 raise PromptSetError(f"{field}[{index}].text", f"{text!r} appears twice; give it one weight")
-        total = math.fsum(weight for _, weight in pairs)
-        if total <= 0:
+        largest = max(weight for _, weight in pairs)
+        if largest <= 0:
             raise PromptSetError(field, "the weights sum to 0; give at least one a positive weight")
-        return cls(tuple(text for text, _ in pairs), tuple(weight / total for _, weight in pairs))
+        scaled = [weight / largest for _, weight in pairs]  # no overflow summing weights near the float limit
+        total = math.fsum(scaled)
+        return cls(tuple(text for text, _ in pairs), tuple(weight / total for weight in scaled))
 
     def __len__(self) -> int:
         return len(self.texts)

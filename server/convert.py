@@ -99,8 +99,8 @@ def resume_from_pb(model: MusicGen, resume: pb.ResumeFrom, output_rate: int, fie
 
 
 def tempo_from_pb(tempo: pb.Tempo, field: str) -> Tempo:
-    if not math.isfinite(tempo.bpm) or not 0 < tempo.bpm <= 1000:
-        raise SpecError(f"{field}.bpm", f"must be in (0, 1000], got {tempo.bpm}")
+    if not math.isfinite(tempo.bpm) or not 1 <= tempo.bpm <= 1000:
+        raise SpecError(f"{field}.bpm", f"must be in [1, 1000], got {tempo.bpm}")
     if not 1 <= tempo.beats_per_bar <= 64:
         raise SpecError(f"{field}.beats_per_bar", f"must be in [1, 64], got {tempo.beats_per_bar}")
     return Tempo(tempo.bpm, tempo.beats_per_bar, tempo.beat_one_sample)
@@ -133,13 +133,15 @@ def exact_lookahead_frames(model: MusicGen) -> int:
     return math.ceil(decoder_lookahead_samples(codec) / codec.hop_length)
 
 
+def sampling_changes(message: pb.Sampling) -> dict:
+    """The fields a Sampling message sets (a change to merge onto what is in effect when it lands)."""
+    return {name: getattr(message, name) for name in ("guidance_scale", "temperature", "top_k", "top_p", "greedy",
+                                                       "seed") if message.HasField(name)}
+
+
 def sampling_from_pb(model: MusicGen, message: pb.Sampling, base: SamplingParams, field: str) -> SamplingParams:
     """Fields set in the message override `base`; the result is validated with the field named."""
-    changes = {}
-    for name in ("guidance_scale", "temperature", "top_k", "top_p", "greedy", "seed"):
-        if message.HasField(name):
-            changes[name] = getattr(message, name)
-    params = replace(base, **changes)
+    params = replace(base, **sampling_changes(message))
     try:
         params.validated()
     except ValueError as error:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -24,7 +24,7 @@ from musicgen_core import MusicGen, SamplingParams, WeightedPrompts
 from .events import (Event, Failure, Finished, FinishReason, ServerClosingError, SessionLimitError, SessionSpec,
                      SpecError)
 from .headroom import EngineHeadroom
-from .timeline import At, Lands, Tempo
+from .timeline import At, Tempo
 from .session import Limits, Session, TextEncodings
 
 log = logging.getLogger("musicgen.engine")
@@ -94,10 +94,16 @@ class SetPrompt(Command):
     params: SamplingParams | None
     transition_frames: int = 0  # > 0: the weights move to the new prompts over this many frames
     at: At | None = None  # None = from the next step
+    sampling_changes: dict | None = None  # fields to merge onto the sampling in effect when it lands
 
     def apply(self, engine: "Engine") -> None:
-        self.session.when(self.at, Lands.CHANGE,
-                          lambda: self.session.set_prompt(self.prompts, self.params, self.transition_frames))
+        self.session.when(self.at, self._land)
+
+    def _land(self) -> None:
+        params = self.params
+        if params is None and self.sampling_changes:
+            params = replace(self.session.params, **self.sampling_changes)
+        self.session.set_prompt(self.prompts, params, self.transition_frames)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class AppendAudio(Command):
     at: At | None = None
 
     def apply(self, engine: "Engine") -> None:
-        self.session.when(self.at, Lands.FRAME, lambda: self.session.append_audio(self.audio, self.replace_context))
+        self.session.when(self.at, lambda: self.session.append_audio(self.audio, self.replace_context))
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class Pause(Command):
     at: At | None = None
 
     def apply(self, engine: "Engine") -> None:
-        self.session.when(self.at, Lands.FRAME, self.session.pause)
+        self.session.when(self.at, self.session.pause)
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,7 @@ class Finish(Command):
     at: At | None = None  # a scheduled stop
 
     def apply(self, engine: "Engine") -> None:
-        self.session.when(self.at, Lands.FRAME, lambda: self.session.finish(self.reason, self.message, self.failure))
+        self.session.when(self.at, lambda: self.session.finish(self.reason, self.message, self.failure))
 
 
 @dataclass(frozen=True)
@@ -172,10 +178,12 @@ class SessionHandle:
         self.params = session.params  # the latest sampling asked for (changes compose across set_prompt)
 
     def set_prompt(self, text: str | None = None, params: SamplingParams | None = None, *,
-                   prompts: WeightedPrompts | None = None, transition_frames: int = 0, at: At | None = None) -> None:
-        """A new text (or `prompts`, several weighted texts) and/or sampling; None keeps what is in effect.
-        transition_frames > 0: the weights move from the mix in effect to the new prompts over that many
-        frames (linearly, `frames.Transition`). at: when it lands (None: the next step; `timeline`)."""
+                   prompts: WeightedPrompts | None = None, transition_frames: int = 0, at: At | None = None,
+                   sampling_changes: dict | None = None) -> None:
+        """A new text (or `prompts`, several weighted texts) and/or sampling (whole `params`, or
+        `sampling_changes`: fields merged onto the sampling in effect when the change lands); None keeps what
+        is in effect. transition_frames > 0: the weights move from the mix in effect to the new prompts over
+        that many frames (linearly, `frames.Transition`). at: when it lands (None: the next step; `timeline`)."""
         if text is not None and prompts is not None:
             raise ValueError("give text or prompts, not both")
         if transition_frames and text is None and prompts is None:
@@ -184,7 +192,9 @@ class SessionHandle:
             self.params = params
         if text is not None:
             prompts = WeightedPrompts.single(text)
-        self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at))
+        if sampling_changes and at is None:
+            self.params = replace(self.params, **sampling_changes)  # the transport checks the next change on it
+        self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at, sampling_changes))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False, at: At | None = None) -> None:
         """audio: (channels, samples) float32 at the model's rate."""

@@ -139,6 +139,7 @@ class Failure(Enum):
     REQUEST = "request"  # a bad request: the transport that found it knows the status
     STALLED = "stalled"  # held at its lead with no ack (paced) or no read (unpaced) for the stall timeout
     TOO_LATE = "too_late"  # a command scheduled at a frame already generated
+    TOO_MANY = "too_many"  # more scheduled commands than a session keeps
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from musicgen_core import MusicGen, SamplingParams, SequenceState, StepResult, TextConditioning, WeightedPrompts
+from musicgen_core import (MAX_PROMPTS, MusicGen, SamplingParams, SequenceState, StepResult, TextConditioning,
+                           WeightedPrompts)
 from musicgen_core.delay import build_delayed, columns_for, max_frames
 
 
@@ -192,13 +193,23 @@ class FrameSource:
             self.state.params = params
         first = self.next_change_frame
         if prompts is not None:
-            self.transition = None
+            running, self.transition = self.transition, None
             if transition_frames > 0:
-                start = self.prompts.blend(prompts, 0.0)  # the mix in effect, over both sets' texts
+                start = self._transition_start(prompts, running)
                 self.transition = Transition(start, prompts, first, transition_frames)
                 prompts = start
             self._use_prompts(prompts)
         return first
+
+    def _transition_start(self, target: WeightedPrompts, running: Transition | None) -> WeightedPrompts:
+        """The mix in effect over its texts and the target's: texts at weight 0 that the target drops go, and
+        a union past 2 x MAX_PROMPTS (a transition begun during another) starts from the running transition's
+        own target instead, so the rows stay bounded."""
+        current = self.prompts
+        if len(set(current.texts) | set(target.texts)) > 2 * MAX_PROMPTS and running is not None:
+            current = running.target
+        kept = [(t, w) for t, w in zip(current.texts, current.weights) if w > 0 or t in target.texts]
+        return WeightedPrompts(tuple(t for t, _ in kept), tuple(w for _, w in kept)).blend(target, 0.0)
 
     def before_step(self) -> MixStep | None:
         """Before each step of a transition: the weights for the frame the step completes; after its last

@@ -24,7 +24,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MusicGen"].full_name
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 FAILURE_STATUS = {Failure.INTERNAL: grpc.StatusCode.INTERNAL, Failure.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED,
                   Failure.REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-                  Failure.TOO_LATE: grpc.StatusCode.FAILED_PRECONDITION}
+                  Failure.TOO_LATE: grpc.StatusCode.FAILED_PRECONDITION,
+                  Failure.TOO_MANY: grpc.StatusCode.RESOURCE_EXHAUSTED}
 HALF_CLOSE_WAIT_SECONDS = 2.0  # after Finished, how long the call waits for the client to half-close
 
 
@@ -224,7 +225,7 @@ class MusicGenService:
         """Apply steering messages as they arrive; a bad one ends the call with its status. After stop,
         everything is read and ignored (the session is ending; the half-close is still awaited)."""
         parts: list = []
-        stopped = False
+        stopped = stop_scheduled = False
         try:
             async for message in requests:
                 if stopped:
@@ -237,8 +238,11 @@ class MusicGenService:
                 if kind is None:
                     raise _Abort(INVALID, "request: empty message (no member of the oneof set)")
                 await self._steer(kind, message, handle, parts, progress, paced)
-                stopped = kind == "stop" and not message.stop.HasField("at")  # a scheduled stop still takes acks
-            handle.stop()  # half-close: the client has nothing more to say, so the session ends
+                scheduled = kind == "stop" and convert.at_from_pb(message.stop, "stop.at") is not None
+                stopped = kind == "stop" and not scheduled  # a scheduled stop still takes acks and steering
+                stop_scheduled = stop_scheduled or scheduled
+            if not stop_scheduled:
+                handle.stop()  # half-close: the client has nothing more to say, so the session ends
         except _Abort as abort:
             queue.put_nowait(abort)
         except SpecError as error:
@@ -276,20 +280,21 @@ class MusicGenService:
                 if text is not None:
                     raise SpecError("set_prompt.prompts", "give text or prompts, not both")
                 prompts = convert.prompts_from_pb(self.model, change.prompts, "set_prompt.prompts")
-            params = None
-            if change.HasField("sampling"):
+            changes = None
+            if change.HasField("sampling"):  # checked here, merged on the engine when the change lands
                 current = handle.params
                 params = convert.sampling_from_pb(self.model, change.sampling, current, "set_prompt.sampling")
                 if params.uses_guidance != current.uses_guidance:
                     raise SpecError("set_prompt.sampling.guidance_scale",
                                     "cannot switch guidance on or off mid-session (<= 1 vs > 1)")
+                changes = convert.sampling_changes(change.sampling)
             transition = 0
             if change.HasField("transition"):
                 if text is None and prompts is None:
                     raise SpecError("set_prompt.transition", "needs text or prompts to move to")
                 transition = convert.transition_frames(self.model, change.transition, "set_prompt.transition")
-            handle.set_prompt(text, params, prompts=prompts, transition_frames=transition,
-                              at=convert.at_from_pb(change, "set_prompt.at"))
+            handle.set_prompt(text, prompts=prompts, transition_frames=transition,
+                              at=convert.at_from_pb(change, "set_prompt.at"), sampling_changes=changes)
         elif kind == "append_audio":
             await self._append(message.append_audio, handle, parts)
 

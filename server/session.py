@@ -8,6 +8,7 @@ engine's commands (engine.py), which call these methods between decoder steps.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import replace
 from typing import Callable
@@ -23,7 +24,9 @@ from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind,
                      SessionStats, Started)
 from .frames import FrameSource, Limits, TextEncodings
 from .headroom import RunningRate
-from .timeline import At, Lands, Tempo, resolve
+from .timeline import At, Tempo, resolve
+
+MAX_SCHEDULED = 64  # pending scheduled commands per session: more is RESOURCE_EXHAUSTED
 
 __all__ = ["Limits", "Session", "TextEncodings"]
 
@@ -46,7 +49,8 @@ class Session:
         self.rate = RunningRate()  # running real-time factor, fed by the engine after each turn it steps in
         self.created = time.monotonic()
         self.tempo: Tempo | None = spec.tempo
-        self.scheduled: list[tuple[int, Lands, Callable[[], None]]] = []  # (frame, how it lands, the action)
+        self.scheduled: list[tuple[int, int, Callable[[], None]]] = []  # (frame, arrival, action), sorted
+        self._arrivals = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -154,22 +158,24 @@ class Session:
         revision = self.chunker.revise(first, self.source.prompts, self.params)
         self._send()
         message = f"prompt revision {revision.number} applies from frame {first}"
-        if self.source.transition is not None:
+        if prompts is not None and transition_frames > 0:
             message += f", its weights moving over {transition_frames} frames to frame {self.source.transition.last}"
         self._notice(NoticeKind.PROMPT_APPLIED, first, message)
 
     # -- scheduled commands -------------------------------------------------------------------------------
 
-    def when(self, at: At | None, lands: Lands, action: Callable[[], None]) -> None:
-        """Run `action` now (at None) or when generation reaches the frame `at` names; a frame already
-        generated ends the session with FAILED_PRECONDITION naming the field (a command meant for a bar line
-        must not land elsewhere)."""
+    def when(self, at: At | None, action: Callable[[], None]) -> None:
+        """Run `action` now (at None, or at the frame generation has reached) or when generation reaches the
+        frame `at` names: every command lands between frames, at `FrameSource.frames_done` (a prompt change's
+        first touched frame is that same frame). A frame already generated ends the session with
+        FAILED_PRECONDITION naming the field (a command meant for a bar line must not land elsewhere)."""
+        self._run_due()  # commands scheduled at the frame reached go first: they were sent first
         if at is None:
             action()
             return
         if self.finished:
             return
-        earliest = self._earliest(lands)
+        earliest = self.source.frames_done
         try:
             frame = resolve(at, self.tempo, self.audio.samples_per_frame, self.audio.output_rate, earliest)
         except ValueError as error:
@@ -182,21 +188,24 @@ class Session:
                         f"earliest it can land now is frame {earliest} (sample {round(earliest * spf)})",
                         Failure.TOO_LATE)
             return
-        self.scheduled.append((frame, lands, action))
-        self.scheduled.sort(key=lambda item: item[0])  # stable: same-frame commands keep their order
+        if frame == earliest:  # due now (a paused session too)
+            action()
+            return
+        if len(self.scheduled) >= MAX_SCHEDULED:
+            self.finish(FinishReason.ERROR, f"{at.field}: {MAX_SCHEDULED} commands are already scheduled",
+                        Failure.TOO_MANY)
+            return
+        self._arrivals += 1
+        bisect.insort(self.scheduled, (frame, self._arrivals, action), key=lambda item: item[:2])
 
-    def _earliest(self, lands: Lands) -> int:
-        return self.source.next_change_frame if lands is Lands.CHANGE else self.source.frames_done
+    def _run_due(self) -> None:
+        while self.scheduled and not self.finished and self.scheduled[0][0] <= self.source.frames_done:
+            self.scheduled.pop(0)[2]()
 
     def before_step(self) -> None:
-        """Scheduled commands now due, then the weights of a transition in progress for the frame this step
-        completes."""
-        while self.scheduled and not self.finished:
-            due = [item for item in self.scheduled if self._earliest(item[1]) >= item[0]]
-            if not due:
-                break
-            self.scheduled.remove(due[0])
-            due[0][2]()
+        """Scheduled commands now due (in frame order, then as sent), then the weights of a transition in
+        progress for the frame this step completes."""
+        self._run_due()
         if self.finished or self.paused:
             return
         step = self.source.before_step()

@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
 AT_KINDS = ("sample", "frame", "bar", "beat", "next_bar", "next_beat")
-
-
-class Lands(Enum):
-    """Which frame a command lands on. CHANGE: a prompt change, landing at the first frame the next step
-    touches (PROMPT_APPLIED's frame; with the codebook delay, 3 frames before the newest). FRAME: a pause,
-    stop or append, landing after the last completed frame (generation stops or continues from there)."""
-
-    CHANGE = "change"
-    FRAME = "frame"
 
 
 @dataclass(frozen=True)
@@ -56,7 +46,7 @@ def resolve(at: At, tempo: Tempo | None, samples_per_frame: float, output_rate: 
     if at.kind == "sample":
         return frame_of_sample(at.value, samples_per_frame)
     if tempo is None:
-        raise ValueError(f"{at.field}: a bar or beat needs a session tempo (StartSession.tempo or SetTempo)")
+        raise ValueError(f"{at.field}: a bar or beat needs a session tempo (StartSession.tempo or set_tempo)")
     beat_samples = 60.0 * output_rate / tempo.bpm
     unit = beat_samples * (tempo.beats_per_bar if at.kind in ("bar", "next_bar") else 1)
     if at.kind in ("bar", "beat"):

@@ -107,3 +107,18 @@ def test_a_stop_scheduled_ahead_keeps_the_stream_open_for_acks_and_steering(serv
                        frames=24)
     assert result.of("finished")[0].total_frames == 24
     assert notices(result, pb.NOTICE_KIND_PROMPT_APPLIED) == [12]
+
+
+def test_a_scheduled_sampling_change_lands_as_a_change_on_what_is_in_effect_then(server):
+    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(temperature=0.5),
+                                                                         at=pb.At(frame=40))),
+                       pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(top_k=10))))
+    for chunk in result.of("audio"):  # the later immediate change is kept, the scheduled one waits for frame 40
+        assert chunk.sampling.top_k == 10, chunk.first_frame
+        assert chunk.sampling.temperature == pytest.approx(0.5 if chunk.first_frame >= 40 else 1.0), chunk.first_frame
+
+
+def test_a_command_due_at_the_frame_reached_applies_in_the_order_sent(server):
+    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(frame=0))),
+                       pb.SessionRequest(set_prompt=pb.SetPrompt(text="ambient pads")), frames=10)
+    assert {c.prompt for c in result.of("audio")} == {"ambient pads"}  # sent last, so in effect

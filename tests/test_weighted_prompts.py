@@ -237,3 +237,23 @@ def test_a_transition_of_the_same_texts_changes_only_the_weights(server, model):
                                 pb.SetPrompt(prompts=weighted((LOFI, 0.0), (TECHNO, 1.0)),
                                              transition=pb.Transition(seconds=0.1)), frames_after=12)
     assert np.array_equal(codes, transition_reference(model, start, codes.shape[1], applied + 3, target, 5))
+
+
+def test_transitions_begun_during_transitions_keep_the_rows_bounded(model):
+    """Each morph starts from the mix in effect over both sets' texts; texts the new set drops at weight 0 go,
+    and past 2 x MAX_PROMPTS texts the running transition's target is the start (its ramp cut short)."""
+    from server.engine import Engine
+    from server.events import SessionSpec
+
+    engine = Engine(model, EngineConfig())
+    handle = engine.open_session(SessionSpec(text=LOFI, params=model.default_sampling(greedy=True),
+                                             max_lead_seconds=None), lambda event: None)
+    session = engine._sessions[handle.id]
+    for round_ in range(4):
+        texts = [f"set {round_} text {i}" for i in range(4)]
+        handle.set_prompt(prompts=WeightedPrompts.of([(t, 1.0) for t in texts]), transition_frames=50)
+        for _ in range(3):
+            engine.turn()
+        assert session.state.cache.rows <= 2 * 4 + 1
+    handle.stop()
+    engine.turn()
