@@ -1,7 +1,7 @@
 """A real-time proof: `musicgen-server` in its own process, one session played by the client's `Player` (the
 player `musicgen-client play` uses) into an audio device that consumes at real time, and what a listener heard.
 
-    python bench/bench_live.py --model /tmp/mg-small --quantize int4 [--seconds 60] [--steer-at 20]
+    python bench/bench_live.py --model /tmp/mg-small --quantize int4 [--seconds 60] [--steer-at 20] [--rollback 0.15]
         [--kv-dtype int8] [--context-frames 500 --reprime-keep-frames 100] [--chunk-frames 10] [--sink pulse]
 
 The device is a PulseAudio null sink in a private daemon started here (packages pulseaudio, libasound2-plugins:
@@ -123,15 +123,17 @@ class Timeline:
         return next((sample for _, kind, sample in self.notices if kind == "prompt_applied"), None)
 
 
-def steer(player, session, timeline: Timeline, at_sample: int, prompt: str, result: dict) -> None:
-    """At `at_sample` played: set a new prompt, then time until the device plays the first sample generated under
-    it (the PROMPT_APPLIED notice's sample, plus the device's own latency)."""
+def steer(player, session, timeline: Timeline, at_sample: int, prompt: str, result: dict,
+          rollback: float | None = None) -> None:
+    """At `at_sample` played: set a new prompt (with a rollback margin: instant steering), then time until the
+    device plays the first sample generated under it (the PROMPT_APPLIED notice's sample, plus the device's own
+    latency)."""
     while player.samples_played < at_sample:
         if timeline.finished is not None:
             return
         time.sleep(0.002)
     sent = time.monotonic()
-    session.set_prompt(prompt)
+    session.set_prompt(prompt, rollback_seconds=rollback)
     while timeline.applied_sample() is None:
         if timeline.finished is not None:
             return
@@ -162,7 +164,8 @@ def play(args: argparse.Namespace, port: int, device: str | None) -> dict:
     steering: dict = {}
     player.start()
     steerer = threading.Thread(target=steer, daemon=True, args=(
-        player, session, timeline, int(args.steer_at * session.sample_rate), args.steer_prompt, steering))
+        player, session, timeline, int(args.steer_at * session.sample_rate), args.steer_prompt, steering,
+        args.rollback))
     steerer.start()
     while not player.wait(0.005):
         stats = player.stats
@@ -198,7 +201,9 @@ def play(args: argparse.Namespace, port: int, device: str | None) -> dict:
         "largest_chunk_gap_ms": round(1000 * max(gaps), 1) if gaps else None,
         "median_chunk_gap_ms": round(1000 * sorted(gaps)[len(gaps) // 2], 1) if gaps else None,
         "reprimes": sum(kind == "context_reprimed" for _, kind, _ in timeline.notices),
-        "steering": steering, "audio_seconds": round(stats.samples_played / rate, 3),
+        "steering": {**steering, "rollback_margin_s": args.rollback,
+                     "retracted_late_frames": player.retracted_late_frames},
+        "audio_seconds": round(stats.samples_played / rate, 3),
         "device_rate": stats.device_rate, "device_latency_s": round(player.device_latency, 3),
     }
 
@@ -218,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--steer-at", type=float, default=20.0, help="seconds of played audio at which to steer")
     parser.add_argument("--steer-prompt", default="bright piano arpeggios")
+    parser.add_argument("--rollback", type=float, help="steer with a rollback of this margin in seconds (instant "
+                                                       "steering) instead of after the audio already sent")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of playback before gaps are counted")
     parser.add_argument("--sink", choices=("pulse", "clocked"), default="pulse")
     parser.add_argument("--server-log", default=None)

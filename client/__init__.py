@@ -10,8 +10,8 @@ from .audio_in import LiveInput, feed_wav
 from .devices import AudioUnavailable, find_device, preferred_stream_rate
 from .errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MusicGenError,
                      ResourceExhausted, ServerError, Unauthenticated, Unavailable)
-from .events import (AudioChunk, Encoding, Event, FinishReason, Finished, ModelInfo, Notice, NoticeKind, Sampling,
-                     SessionStats, Started)
+from .events import (AudioChunk, Encoding, Event, FinishReason, Finished, ModelInfo, Notice, NoticeKind, Retracted,
+                     Sampling, SessionStats, Started)
 from .player import OutputLatency, Player, PlayerStats
 from .requests import At, StartOptions, Tempo
 from .ring import RingBuffer
@@ -20,7 +20,7 @@ from .wavfile import WavWriter, read_wav
 
 __all__ = [
     "MusicGenClient", "AsyncMusicGenClient", "LiveSession", "AsyncLiveSession", "Generation", "AsyncGeneration",
-    "Started", "AudioChunk", "Notice", "Finished", "Event", "ModelInfo", "Sampling", "SessionStats", "Encoding",
+    "Started", "AudioChunk", "Notice", "Retracted", "Finished", "Event", "ModelInfo", "Sampling", "SessionStats", "Encoding",
     "NoticeKind", "FinishReason", "StartOptions", "At", "Tempo",
     "MusicGenError", "InvalidArgument", "FailedPrecondition", "ResourceExhausted", "Unauthenticated", "Unavailable",
     "DeadlineExceeded", "Cancelled", "ServerError",

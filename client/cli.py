@@ -25,7 +25,7 @@ from .audio_in import LiveInput, feed_wav
 from .connection import DEFAULT_TARGET
 from .devices import AudioUnavailable
 from .errors import MusicGenError
-from .events import AudioChunk, Event, Finished, Notice, Sampling, Started
+from .events import AudioChunk, Event, Finished, Notice, Retracted, Sampling, Started
 from .requests import At, Tempo
 from .session import LiveSession, MusicGenClient
 from .wavfile import WavWriter, read_wav
@@ -205,6 +205,8 @@ class Consumer:
             self.revision = event.prompt_revision
         elif isinstance(event, Notice):
             self.progress.message(describe(event, self.session.started))
+        elif isinstance(event, Retracted):
+            self.progress.message(f"retracted: from frame {event.frame}, sample {event.sample} (rolled back)")
         elif isinstance(event, Finished):
             self.progress.message(f"finished: {event.reason.value}, {event.total_samples} samples "
                                   f"({event.total_samples / self.session.sample_rate:.2f} s)"
@@ -231,6 +233,8 @@ class Consumer:
             for event in self.session:
                 if isinstance(event, AudioChunk) and self.writer is not None:
                     self.writer.write(event.audio)
+                elif isinstance(event, Retracted) and self.writer is not None:  # written again from there
+                    self.writer.retract(event.sample - self.session.started.first_sample)
                 self.on_event(event)
         except BaseException as error:
             self.error = error
@@ -303,9 +307,10 @@ def cmd_play(args: argparse.Namespace) -> int:
 
 LIVE_HELP = ("type a prompt and press Enter to steer; commands: :pause  :resume  :feed FILE.wav  "
              ":prompt TEXT  :weights TEXT=W | TEXT=W  :morph 8s|400f TEXT or TEXT=W | ...  :tempo BPM [BEATS]  "
-             ":at bar N|beat N|next-bar|next-beat|frame N|12.5s COMMAND  :quit")
+             ":at bar N|beat N|next-bar|next-beat|frame N|12.5s COMMAND  :now TEXT or TEXT=W | ...  :quit")
 
 MAX_PROMPTS = 4  # ModelInfo.max_prompts of this version's servers
+NOW_MARGIN_SECONDS = 0.15  # :now lands this long after the last acked sample: the device's buffer and the trip
 
 _WEIGHTED = re.compile(r"\s*([^=|,]+?)\s*=\s*([^\s|,]+)\s*[|,]?")
 
@@ -440,6 +445,16 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
             progress.message(f"fed {path} ({sent} samples)")
         except (OSError, ValueError) as error:
             progress.message(f"cannot feed {path}: {error}")
+    elif line.startswith(":now "):  # instant: rolls back what was sent but not yet played
+        rest = line[len(":now "):].strip()
+        try:
+            target = parse_weights(rest) if "=" in rest else rest
+        except ValueError as error:
+            progress.message(str(error))
+            return info
+        text, prompts = (None, target) if isinstance(target, list) else (target, None)
+        session.set_prompt(text, prompts=prompts, rollback_seconds=NOW_MARGIN_SECONDS)
+        progress.message(f"prompt sent now: {rest!r}")
     elif line.startswith(":prompt "):
         session.set_prompt(line[len(":prompt "):], at=at)
         progress.message(f"prompt sent: {line[len(':prompt '):]!r}{when}")

@@ -142,6 +142,15 @@ class AudioChunk:
 
 
 @dataclass(frozen=True)
+class Retracted:
+    """The audio from output sample `sample` (frame `frame`) on is withdrawn: drop what was buffered from
+    there; the next chunk starts at `sample` again (a SetPrompt with rollback)."""
+
+    frame: int
+    sample: int
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something changed in the session at `frame` (= output sample `sample`)."""
 
@@ -218,7 +227,7 @@ class ModelInfo:
         return cls(**values)
 
 
-Event = Started | AudioChunk | Notice | Finished
+Event = Started | AudioChunk | Notice | Retracted | Finished
 
 
 class EventTracker:
@@ -240,6 +249,8 @@ class EventTracker:
         elif isinstance(event, Started):
             self.started = event
             self.samples_received = event.first_sample  # a resumed session's numbering goes on from there
+        elif isinstance(event, Retracted):
+            self.samples_received = min(self.samples_received, event.sample)
         elif isinstance(event, Notice) and self.keeps_notices:
             self.notices.append(event)
         elif isinstance(event, Finished):
@@ -309,6 +320,8 @@ def from_pb(message: pb.SessionEvent, started: Started | None) -> Event | None:
         notice = message.notice
         return Notice(kind=_NOTICE_KINDS.get(notice.kind, NoticeKind.OTHER), frame=notice.frame, sample=notice.sample,
                       prompt_revision=notice.prompt_revision, message=notice.message)
+    if kind == "retracted":
+        return Retracted(frame=message.retracted.frame, sample=message.retracted.sample)
     if kind == "finished":
         done = message.finished
         stats = SessionStats(**{f.name: getattr(done.stats, f.name) for f in fields(SessionStats)})

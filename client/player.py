@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .devices import AudioUnavailable, Device, find_device, sounddevice, supports
-from .events import AudioChunk, Event, Notice, NoticeKind, Started
+from .events import AudioChunk, Event, Notice, NoticeKind, Retracted, Started
 from .ring import RingBuffer
 from .wavfile import WavWriter
 
@@ -119,6 +119,7 @@ class Player:
         self.frames_played = 0
         self.underruns = 0
         self.underrun_frames = 0
+        self.retracted_late_frames = 0  # retracted audio the device had already taken (margin too small)
         self.startup_frames = 0
         self.device_underflows = 0
         self._playing = False  # False: waiting for the fill (at the start and after an underrun)
@@ -292,6 +293,8 @@ class Player:
                         self._recorder.write(event.audio)
                     self._push(self._for_device(event.audio))
                     self.samples_received = event.end_sample
+                elif isinstance(event, Retracted):
+                    self._retract(event.sample)
                 elif isinstance(event, Notice):
                     if event.kind is NoticeKind.PAUSED:
                         self._idle = True
@@ -307,6 +310,25 @@ class Player:
                 self.error = error
         finally:
             self._eof = True
+
+    def _retract(self, sample: int) -> None:
+        """The server withdrew its audio from stream sample `sample` on: take those frames back out of the ring
+        (never the block the callback may be copying) and out of the recording; what follows is spliced in
+        there. At a device rate other than the stream's the resampler restarts at the splice (a short
+        discontinuity); frames the device had already taken are counted in retracted_late_frames."""
+        relative = max(0, sample - self.first_sample)
+        ratio = self.device_rate / self.stream_rate
+        keep_from = round(relative * ratio)  # device frame index of the splice
+        wanted = max(0, self.ring.written - keep_from)
+        done = self.ring.retract(wanted, keep=max(self._blocksize, 1024))
+        self.retracted_late_frames += wanted - done
+        if self._resampler is not None:
+            import soxr
+            self._resampler = soxr.ResampleStream(self.stream_rate, self.device_rate, self.device_channels,
+                                                  dtype="float32", quality="HQ")
+        if self._recorder is not None:
+            self._recorder.retract(relative)
+        self.samples_received = sample
 
     def _for_device(self, audio: np.ndarray) -> np.ndarray:
         """(samples, stream channels) -> (frames, device channels) at the device rate."""

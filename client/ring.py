@@ -43,6 +43,13 @@ class RingBuffer:
         self.written += count  # publish only after the copy
         return count
 
+    def retract(self, count: int, keep: int = 0) -> int:
+        """Producer: withdraw up to `count` of the newest frames, never the oldest `keep` still unread (the
+        consumer may be copying those right now); returns how many were withdrawn."""
+        count = max(0, min(count, self.written - self.read - keep))
+        self.written -= count
+        return count
+
     def read_into(self, out: np.ndarray, count: int) -> int:
         """Consumer: copy up to `count` buffered frames into out[:count]; returns how many were copied (the
         caller fills the rest)."""

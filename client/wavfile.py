@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -17,26 +16,42 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 
 class WavWriter:
-    """Appends (samples, channels) float audio to a 16-bit PCM WAV; the header is final after close()."""
+    """Appends (samples, channels) float audio to a 16-bit PCM WAV; the header is final after close().
+    `retract(samples)` cuts the file back to its first `samples` (a session's retracted audio)."""
+
+    _HEADER_BYTES = 44
 
     def __init__(self, path: str | Path, sample_rate: int, channels: int):
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.channels = channels
         self.samples_written = 0
-        self._file = wave.open(str(self.path), "wb")
-        self._file.setnchannels(channels)
-        self._file.setsampwidth(2)
-        self._file.setframerate(sample_rate)
+        self._file = open(self.path, "wb+")
+        self._write_header()
+
+    def _write_header(self) -> None:
+        data = self.samples_written * 2 * self.channels
+        self._file.seek(0)
+        self._file.write(b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " +
+                         struct.pack("<IHHIIHH", 16, _PCM, self.channels, self.sample_rate,
+                                     self.sample_rate * 2 * self.channels, 2 * self.channels, 16) +
+                         b"data" + struct.pack("<I", data))
 
     def write(self, audio: np.ndarray) -> None:
         if audio.shape[1] != self.channels:
             raise ValueError(f"expected {self.channels} channel(s), got {audio.shape[1]}")
-        self._file.writeframes(to_int16(audio).tobytes())
+        self._file.seek(self._HEADER_BYTES + self.samples_written * 2 * self.channels)
+        self._file.write(to_int16(audio).tobytes())
         self.samples_written += audio.shape[0]
+
+    def retract(self, samples: int) -> None:
+        """Keep only the first `samples` written (what follows is written again)."""
+        self.samples_written = min(self.samples_written, max(0, samples))
+        self._file.truncate(self._HEADER_BYTES + self.samples_written * 2 * self.channels)
 
     def close(self) -> None:
         if self._file is not None:
+            self._write_header()
             self._file.close()
             self._file = None
 

@@ -11,7 +11,7 @@ transformers' `build_delay_pattern_mask` lays them out. Mono delays are 0,1,2,3;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,13 +70,27 @@ class DelayGrid:
     prompt_frames: int
     total_frames: int | None
     next_column: int
+    initial: torch.Tensor | None = field(default=None, repr=False)  # the layout at start, for rewind
 
     @classmethod
     def start(cls, prompt: torch.Tensor, delays: list[int], pad_id: int, capacity: int,
               total_frames: int | None = None) -> "DelayGrid":
         """prompt: (codebooks, n) frames to continue from (n may be 0). capacity: columns to allocate."""
         tokens = build_delayed(prompt, delays, pad_id, capacity, total_frames)
-        return cls(tokens, delays, prompt.shape[1], total_frames, next_column=1 + prompt.shape[1])
+        return cls(tokens, delays, prompt.shape[1], total_frames, next_column=1 + prompt.shape[1],
+                   initial=tokens.clone())
+
+    def rewind(self, frame: int) -> int:
+        """The grid as it was when `first_frame_of_next_column()` first reached `frame` (where a prompt change
+        landing at that frame applies): every code sampled since is forgotten. -> the new next_column."""
+        if not self.prompt_frames <= frame <= self.first_frame_of_next_column():
+            raise ValueError(f"cannot rewind to frame {frame}: generated frames here are "
+                             f"{self.prompt_frames}..{self.first_frame_of_next_column()}")
+        column = frame + 1 + self.max_delay if frame > self.prompt_frames else 1 + self.prompt_frames
+        column = min(column, self.next_column)
+        self.tokens[:, column:] = self.initial[:, column:]
+        self.next_column = column
+        return column
 
     @property
     def finished(self) -> bool:

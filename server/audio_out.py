@@ -6,15 +6,27 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from musicgen_core import MusicGen
-from musicgen_core.streaming_codec import (StreamLatency, algorithmic_latency, decode_step, final_output_count,
-                                           flush, init_decoder_state, split_channels)
+from musicgen_core.streaming_codec import (DecoderState, StreamLatency, algorithmic_latency, decode_step,
+                                           final_output_count, flush, init_decoder_state, split_channels)
 
 _LAG_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # codec -> {format: lags}
+RESAMPLER_WARM_UP_SAMPLES = 3200  # model-rate audio a fresh resampler reads before a rollback's first sample
+
+
+@dataclass
+class CodecSnapshot:
+    """The codec after `frames_in` generated frames (taken after each decode): what a rollback restores."""
+
+    frames_in: int
+    decoder: DecoderState
+    model_samples: int  # model-rate samples the codec had emitted (the audio prompt's included)
+    out_samples: int  # output samples emitted (the audio prompt's excluded)
 
 
 class AudioOut:
@@ -40,6 +52,13 @@ class AudioOut:
         self.skip_samples = 0  # audio-prompt samples still to come out of the codec: the client has them
         self.decode_seconds = 0.0  # time decoding generated frames (the prompt's warm-up and the tail not counted)
         self.lag_frames, self.send_lag_frames = self.output_lag_frames(self.latency, chunk_frames)
+        # rollback: output samples emitted (generated audio only), the first one to keep after a rollback,
+        # snapshots of the codec, and the recent model-rate audio a fresh resampler warms up on
+        self.out_samples = 0
+        self.discard_until = 0
+        self.snapshots: list[CodecSnapshot] = []
+        self.model_audio = np.zeros((self.channels, 0), dtype=np.float32)
+        self.model_audio_start = 0  # model-sample index of model_audio[:, 0]
 
     @property
     def held_frames(self) -> int:
@@ -78,13 +97,75 @@ class AudioOut:
     def finish(self) -> np.ndarray:
         """The end of the stream: pending frames, then the codec's held-back tail."""
         head = self.drain()
-        tail = self._without_prompt(self._resample(flush(self.model.codec, self.decoder), last=True))
+        tail = self._emit(self._without_prompt(self._resample(flush(self.model.codec, self.decoder), last=True)))
         return np.concatenate([head, tail], axis=1)
 
     @torch.inference_mode()
     def _decode(self, frames: torch.Tensor) -> np.ndarray:
         codes = split_channels(frames.to(self.model.device), self.channels)
-        return self._without_prompt(self._resample(decode_step(self.model.codec, self.decoder, codes), last=False))
+        model_rate = decode_step(self.model.codec, self.decoder, codes)
+        self._keep_model_audio(model_rate)
+        pcm = self._emit(self._without_prompt(self._resample(model_rate, last=False)))
+        if not self.skip_samples and not self.pending:
+            self.snapshots.append(CodecSnapshot(self.frames_in, self.decoder.clone(), self.decoder.emitted_samples,
+                                                self.out_samples))
+        return pcm
+
+    def _emit(self, pcm: np.ndarray) -> np.ndarray:
+        """Count the output; after a rollback, drop what comes before its first sample (the client keeps it)."""
+        start = self.out_samples
+        self.out_samples += pcm.shape[1]
+        if start < self.discard_until:
+            pcm = pcm[:, min(pcm.shape[1], self.discard_until - start):]
+        return pcm
+
+    def _keep_model_audio(self, model_rate: torch.Tensor) -> None:
+        if self.resampler is None:
+            return
+        audio = model_rate[:, 0].float().cpu().numpy()
+        self.model_audio = np.concatenate([self.model_audio, audio], axis=1)
+
+    # -- rollback -------------------------------------------------------------------------------------------
+
+    @property
+    def earliest_rewind_frame(self) -> int | None:
+        return self.snapshots[0].frames_in if self.snapshots else None
+
+    def forget_before(self, frame: int) -> None:
+        """Frames before `frame` will never be rolled back to (they were played): keep the last snapshot at or
+        before it and the audio a resampler would warm up on from there."""
+        keep = max([i for i, s in enumerate(self.snapshots) if s.frames_in <= frame], default=0)
+        del self.snapshots[:keep]
+        if self.snapshots and self.resampler is not None:
+            first = max(self.model_audio_start, self.snapshots[0].model_samples - 2 * RESAMPLER_WARM_UP_SAMPLES)
+            self.model_audio = self.model_audio[:, first - self.model_audio_start:]
+            self.model_audio_start = first
+
+    @torch.inference_mode()
+    def rewind(self, frame: int, codes_from: "callable") -> None:
+        """Back to the codec after `frame` generated frames, output from frame x samples_per_frame on: the
+        latest snapshot at or before it, then the frames in between decoded again (codes_from(start, stop)
+        gives them; their audio, already sent, is dropped). A resampler starts afresh a little before the
+        snapshot's audio, so its output past the warm-up matches the continuous stream's to float rounding."""
+        snapshot = max((s for s in self.snapshots if s.frames_in <= frame), key=lambda s: s.frames_in)
+        self.snapshots = [s for s in self.snapshots if s.frames_in <= snapshot.frames_in]
+        self.decoder = snapshot.decoder.clone()
+        self.frames_in, self.pending = snapshot.frames_in, []
+        self.out_samples = snapshot.out_samples
+        self.discard_until = frame * self.samples_per_frame
+        if self.resampler is not None:
+            self.resampler = self._new_resampler()
+            skip_model = self.prompt_frames * self.latency.hop_length  # the audio prompt's own samples
+            hop = self.latency.hop_length
+            wanted = max(snapshot.model_samples - RESAMPLER_WARM_UP_SAMPLES, self.model_audio_start, skip_model)
+            start = skip_model + math.ceil((wanted - skip_model) / hop) * hop  # a frame edge: whole output samples
+            warm = self.model_audio[:, start - self.model_audio_start: snapshot.model_samples - self.model_audio_start]
+            self.model_audio = self.model_audio[:, : snapshot.model_samples - self.model_audio_start]
+            produced = self.resampler.resample_chunk(np.ascontiguousarray(warm.T), last=False).shape[0]
+            self.out_samples = (start - skip_model) // hop * self.samples_per_frame + produced
+        if frame > self.frames_in:
+            self.frames_in = frame
+            self._decode(codes_from(snapshot.frames_in, frame))
 
     def _without_prompt(self, pcm: np.ndarray) -> np.ndarray:
         if self.skip_samples:

@@ -61,6 +61,16 @@ class Chunker:
         self.revisions = [replace(r, from_frame=frame) for r in self.revisions]
         self.mixes = [(frame, prompts) for _, prompts in self.mixes]
 
+    def rewind(self, frame: int) -> None:
+        """A rollback to `frame`: what was sent from it on is withdrawn and what was not yet sent is dropped;
+        the next chunk starts at `frame` (chunk sequence numbers go on increasing)."""
+        self.frames_sent = frame
+        self.unsent_codes = self.unsent_codes[:, :0]
+        self.unsent_pcm = self.unsent_pcm[:, :0]
+        self.boundaries = []
+        self.mixes = [m for m in self.mixes if m[0] < frame] or self.mixes[:1]
+        # revisions stay (their numbers were seen); the next one, from `frame`, is last and so labels what follows
+
     def add_frame(self, codes: torch.Tensor) -> None:
         self.unsent_codes = torch.cat([self.unsent_codes, codes[:, None]], dim=1)
 

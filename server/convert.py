@@ -16,8 +16,8 @@ from musicgen_core import MusicGen, PromptTooLongError, SamplingParams, Weighted
 from musicgen_core.prompts import PromptSetError
 from musicgen_core.streaming_codec import decoder_lookahead_samples
 
-from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, ResumeFrom, SessionSpec,
-                     SpecError, Started)
+from .events import (AudioChunk, Encoding, Event, Finished, FinishReason, Notice, NoticeKind, Retracted, ResumeFrom,
+                     SessionSpec, SpecError, Started)
 from .timeline import At, Tempo
 
 SUPPORTED_OUTPUT_RATES = (44100, 48000)
@@ -75,6 +75,13 @@ def at_from_pb(message, field: str) -> At | None:
         return None
     value = 0 if kind in ("next_bar", "next_beat") else getattr(message.at, kind)
     return At(kind, value, f"{field}.{kind}")
+
+
+def rollback_frames(model: MusicGen, rollback: pb.Rollback, field: str) -> int:
+    margin = rollback.margin_seconds
+    if not math.isfinite(margin) or not 0 <= margin <= 10:
+        raise SpecError(f"{field}.margin_seconds", f"must be in [0, 10], got {margin}")
+    return math.ceil(margin * model.config.frame_rate - 1e-9)
 
 
 def resume_from_pb(model: MusicGen, resume: pb.ResumeFrom, output_rate: int, field: str) -> ResumeFrom:
@@ -318,6 +325,8 @@ def event_to_pb(event: Event, spec: SessionSpec, started: Started | None, return
         if return_codes:
             chunk.codes.extend(event.codes.T.reshape(-1).tolist())
         return pb.SessionEvent(audio=chunk)
+    if isinstance(event, Retracted):
+        return pb.SessionEvent(retracted=pb.Retracted(frame=event.frame, sample=event.sample))
     if isinstance(event, Notice):
         spf = started.samples_per_frame if started else 0
         return pb.SessionEvent(notice=pb.Notice(kind=NOTICE_KINDS[event.kind], frame=event.frame,

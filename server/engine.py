@@ -95,9 +95,13 @@ class SetPrompt(Command):
     transition_frames: int = 0  # > 0: the weights move to the new prompts over this many frames
     at: At | None = None  # None = from the next step
     sampling_changes: dict | None = None  # fields to merge onto the sampling in effect when it lands
+    rollback_frames: int | None = None  # land at the first unplayed frame + this many, retracting sent audio
 
     def apply(self, engine: "Engine") -> None:
-        self.session.when(self.at, self._land)
+        if self.rollback_frames is not None:
+            self.session.rollback_and(self.at, self.rollback_frames, self._land)
+        else:
+            self.session.when(self.at, self._land)
 
     def _land(self) -> None:
         params = self.params
@@ -179,11 +183,13 @@ class SessionHandle:
 
     def set_prompt(self, text: str | None = None, params: SamplingParams | None = None, *,
                    prompts: WeightedPrompts | None = None, transition_frames: int = 0, at: At | None = None,
-                   sampling_changes: dict | None = None) -> None:
+                   sampling_changes: dict | None = None, rollback_frames: int | None = None) -> None:
         """A new text (or `prompts`, several weighted texts) and/or sampling (whole `params`, or
         `sampling_changes`: fields merged onto the sampling in effect when the change lands); None keeps what
         is in effect. transition_frames > 0: the weights move from the mix in effect to the new prompts over
-        that many frames (linearly, `frames.Transition`). at: when it lands (None: the next step; `timeline`)."""
+        that many frames (linearly, `frames.Transition`). at: when it lands (None: the next step; `timeline`).
+        rollback_frames: land at the first frame not yet played plus this many (or at `at` if later), rolling
+        the session back to it when it was already generated (the audio sent from there is retracted)."""
         if text is not None and prompts is not None:
             raise ValueError("give text or prompts, not both")
         if transition_frames and text is None and prompts is None:
@@ -194,7 +200,8 @@ class SessionHandle:
             prompts = WeightedPrompts.single(text)
         if sampling_changes and at is None:
             self.params = replace(self.params, **sampling_changes)  # the transport checks the next change on it
-        self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at, sampling_changes))
+        self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at, sampling_changes,
+                                      rollback_frames))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False, at: At | None = None) -> None:
         """audio: (channels, samples) float32 at the model's rate."""

@@ -107,6 +107,14 @@ class AudioChunk:
     prompts: WeightedPrompts | None = None  # the texts and normalised weights in effect
 
 
+@dataclass(frozen=True)
+class Retracted:
+    """The audio sent from `sample` (frame `frame`) on is withdrawn: it is generated again (a rollback)."""
+
+    frame: int
+    sample: int
+
+
 class NoticeKind(Enum):
     PROMPT_APPLIED = "prompt_applied"
     CONTEXT_REPRIMED = "context_reprimed"
@@ -154,7 +162,7 @@ class Finished:
     failure: Failure | None = None  # set when reason is ERROR
 
 
-Event = Started | AudioChunk | Notice | Finished
+Event = Started | AudioChunk | Notice | Retracted | Finished
 
 
 @dataclass

@@ -52,6 +52,9 @@ class MixStep:
     ends_transition: bool
 
 
+GENERATOR_STATES_KEPT = 512  # steps a rollback may go back (~10 s at 50 frames/s; ~5 KB each)
+
+
 class TextEncodings:
     """The text encoder's output per prompt text, the most recently used `capacity` kept. The encoder is a pure
     function of the text, so a hit is exact; it spares a musicgen-small session ~45 ms of CPU time each time a
@@ -97,6 +100,9 @@ class FrameSource:
         self.history = torch.zeros(model.config.decoder.num_codebooks, 0, dtype=torch.long)
         self.next: SequenceState | None = None  # the re-prime's next sequence, its cache being filled
         self.transition: Transition | None = None  # a timed prompt change in progress
+        # the session generator's state before each recent step, by the frame that step first touched: a
+        # rollback to that frame draws the same numbers again (bounded: ~10 s of steps)
+        self.generator_states: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     @property
     def finished(self) -> bool:
@@ -128,6 +134,47 @@ class FrameSource:
         self.history = codes[:, -self.limits.context_frames:]
         keep = self.limits.reprime_keep_frames
         self._start_sequence(codes[:, -keep:] if keep else None)
+
+    def remember_step(self) -> None:
+        """Before a step: the generator state it starts from, for a rollback to the frame it first touches."""
+        self.generator_states[self.next_change_frame] = self.generator.get_state()
+        while len(self.generator_states) > GENERATOR_STATES_KEPT:
+            self.generator_states.popitem(last=False)
+
+    @property
+    def earliest_rewind_frame(self) -> int:
+        """The first frame a rollback can return to: the current sequence's first generated frame (what came
+        before was generated in an earlier sequence), and no earlier than the generator states kept."""
+        first = self.frame_offset + self.state.grid.prompt_frames
+        if self.generator_states:
+            first = max(first, next(iter(self.generator_states)))
+        return first
+
+    def rewind(self, frame: int) -> None:
+        """Back to just before the step that first touched `frame` (earliest_rewind_frame <= frame <
+        frames_done): the grid, the cache length, the history and the generator as they were then; the
+        prepared re-prime is dropped. What a prompt change at `frame` would have found."""
+        if not self.earliest_rewind_frame <= frame < self.frames_done:
+            raise ValueError(f"cannot rewind to frame {frame}: frames {self.earliest_rewind_frame}.."
+                             f"{self.frames_done - 1} can be")
+        column = self.state.grid.rewind(frame - self.frame_offset)
+        self.state.cache.length = column - 1
+        dropped = self.frames_done - frame
+        self.history = self.history[:, : self.history.shape[1] - dropped]
+        self.frames_done = frame
+        self.next = None
+        self.transition = None
+        if frame in self.generator_states:
+            self.generator.set_state(self.generator_states[frame])
+        for later in [f for f in self.generator_states if f > frame]:
+            del self.generator_states[later]
+
+    def recent_codes(self, start: int, stop: int) -> torch.Tensor:
+        """(codebooks, stop - start) codes of completed frames [start, stop) still in the history."""
+        first = self.frames_done - self.history.shape[1]
+        if start < first or stop > self.frames_done:
+            raise ValueError(f"frames {start}..{stop - 1} are not in the history ({first}..{self.frames_done - 1})")
+        return self.history[:, start - first: stop - first]
 
     def take(self, result: StepResult | None) -> torch.Tensor | None:
         """The generated frame this step completed, (codebooks,) codes, if any (prompt frames are not output;

@@ -197,6 +197,8 @@ class MusicGenService:
                 message = convert.event_to_pb(item, spec, started, return_codes)
                 if message.WhichOneof("event") == "audio":
                     progress["sent"] += message.audio.sample_count
+                elif message.WhichOneof("event") == "retracted":  # sent again from there: acks wait for it
+                    progress["sent"] = message.retracted.sample
                 yield message
                 if not paced and message.WhichOneof("event") == "audio":
                     handle.ack(progress["sent"])  # delivered: unpaced sessions are held by what was read
@@ -293,8 +295,14 @@ class MusicGenService:
                 if text is None and prompts is None:
                     raise SpecError("set_prompt.transition", "needs text or prompts to move to")
                 transition = convert.transition_frames(self.model, change.transition, "set_prompt.transition")
+            rollback = None
+            if change.HasField("rollback"):
+                if text is None and prompts is None:
+                    raise SpecError("set_prompt.rollback", "needs text or prompts to change to")
+                rollback = convert.rollback_frames(self.model, change.rollback, "set_prompt.rollback")
             handle.set_prompt(text, prompts=prompts, transition_frames=transition,
-                              at=convert.at_from_pb(change, "set_prompt.at"), sampling_changes=changes)
+                              at=convert.at_from_pb(change, "set_prompt.at"), sampling_changes=changes,
+                              rollback_frames=rollback)
         elif kind == "append_audio":
             await self._append(message.append_audio, handle, parts)
 

@@ -20,7 +20,7 @@ from musicgen_core import MusicGen, SamplingParams, StepResult, TextConditioning
 
 from .audio_out import AudioOut
 from .chunker import Chunker
-from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind, SessionSpec,
+from .events import (Event, Failure, Finished, FinishReason, Notice, NoticeKind, Retracted, SessionSpec,
                      SessionStats, Started)
 from .frames import FrameSource, Limits, TextEncodings
 from .headroom import RunningRate
@@ -208,6 +208,7 @@ class Session:
         self._run_due()
         if self.finished or self.paused:
             return
+        self.source.remember_step()
         step = self.source.before_step()
         if step is None:
             return
@@ -231,7 +232,48 @@ class Session:
     def ack(self, samples_played: int) -> None:
         self.chunker.ack(samples_played)
         if self.audio is not None and not self.finished:
+            self.audio.forget_before(samples_played // self.chunker.samples_per_frame)  # played: never rolled back
             self._send()  # chunks held back at the lead may go now
+
+    # -- rollback -------------------------------------------------------------------------------------------
+
+    def rollback_and(self, at: At | None, margin_frames: int, action: Callable[[], None]) -> None:
+        """Instant steering: `action` lands at the first frame not yet played plus `margin_frames` (or at
+        `at`, if later): generation rolls back to it when it was already generated, else it is scheduled."""
+        if self.finished:
+            return
+        played = -(-self.chunker.acked_samples // self.chunker.samples_per_frame)  # ceil
+        frame = played + margin_frames
+        if at is not None:
+            try:
+                frame = max(frame, resolve(at, self.tempo, self.audio.samples_per_frame, self.audio.output_rate,
+                                           frame))
+            except ValueError as error:
+                self.finish(FinishReason.ERROR, str(error), Failure.REQUEST)
+                return
+        self._run_due()
+        if frame < self.source.frames_done:
+            self.rollback(frame)
+        if frame <= self.source.frames_done:
+            action()
+        else:
+            self.when(At("frame", frame, "set_prompt.at"), action)
+
+    def rollback(self, frame: int) -> int:
+        """Generate again from `frame` (a frame already generated, not yet played): the decoder, the codec and
+        the chunker go back to it and the audio sent from its first sample on is retracted (Retracted). A
+        frame before the current sequence or the codec's oldest snapshot moves up to the earliest there is.
+        -> the frame generation continues from (frames_done when nothing was rolled back)."""
+        source = self.source
+        earliest = max(source.earliest_rewind_frame, self.audio.earliest_rewind_frame or source.frames_done)
+        frame = max(frame, earliest)
+        if frame >= source.frames_done:
+            return source.frames_done
+        self.audio.rewind(frame, source.recent_codes)
+        source.rewind(frame)
+        self.chunker.rewind(frame)
+        self.sink(Retracted(frame, frame * self.chunker.samples_per_frame))
+        return frame
 
     def pause(self) -> None:
         if not self.paused:

@@ -183,7 +183,7 @@ def test_live_mode_schedules_commands_at_bars_of_its_tempo(server):
                                cwd=ROOT, env=env)
     try:  # at 600 bpm a bar of 2 beats is 0.2 s: 10 frames
         for line, pause in (("", 0.6), (":at bar 0 dark techno", 0.1), (":at soon x", 0.1),
-                            (":at next-bar :morph 5f ambient", 0.8), (":quit", 0.3)):
+                            (":at next-bar :morph 5f ambient", 0.8), (":now funky bass", 0.6), (":quit", 0.3)):
             time.sleep(pause)
             process.stdin.write(line + "\n")
             process.stdin.flush()
@@ -196,7 +196,8 @@ def test_live_mode_schedules_commands_at_bars_of_its_tempo(server):
     assert "at: expected" in output
     applied = [int(line.split("at frame ")[1].split(",")[0]) for line in output.splitlines()
                if line.startswith("notice: prompt applied at frame ")]
-    assert len(applied) == 1 and applied[0] % 10 == 0  # on a bar line
+    assert len(applied) == 2 and applied[0] % 10 == 0  # on a bar line
+    assert "retracted: from frame" in output  # :now rolled back what was sent but not played
     assert "finished: stopped" in output
 
 

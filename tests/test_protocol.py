@@ -98,6 +98,7 @@ SESSION_EVENTS = {
     "finished": pb.SessionEvent(finished=pb.Finished(reason=pb.FINISH_REASON_COMPLETED, total_frames=400,
                                                      total_samples=256000,
                                                      stats=pb.SessionStats(steps=403, mean_step_ms=12.5))),
+    "retracted": pb.SessionEvent(retracted=pb.Retracted(frame=75, sample=48000)),
 }
 
 
@@ -203,12 +204,14 @@ PUBLISHED_NUMBERS = {
                      "tempo": 18, "resume": 19},
     "ResumeFrom": {"codes": 1, "at_sample": 2},
     "WeightedPrompt": {"text": 1, "weight": 2},
-    "SetPrompt": {"text": 1, "sampling": 2, "prompts": 3, "transition": 4, "at": 5},
+    "SetPrompt": {"text": 1, "sampling": 2, "prompts": 3, "transition": 4, "at": 5, "rollback": 6},
     "Transition": {"seconds": 1, "frames": 2},
     "AppendAudio": {"audio": 1, "partial": 2, "replace_context": 3, "at": 4},
     "Ack": {"samples_played": 1},
     "GenerateRequest": {"request": 1},
-    "SessionEvent": {"started": 1, "audio": 2, "notice": 3, "finished": 4},
+    "SessionEvent": {"started": 1, "audio": 2, "notice": 3, "finished": 4, "retracted": 5},
+    "Retracted": {"frame": 1, "sample": 2},
+    "Rollback": {"margin_seconds": 1},
     "Started": {"session_id": 1, "output": 2, "frame_rate": 3, "samples_per_frame": 4, "latency_samples": 5,
                 "latency": 6, "context_frames": 7, "reprime_keep_frames": 8, "sampling": 9, "chunk_frames": 10,
                 "decoder_lookahead_frames": 11, "exact_decoding": 12, "max_lead_seconds": 13, "unpaced": 14,

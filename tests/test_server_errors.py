@@ -189,6 +189,12 @@ STEER_CASES = [
     ("next_beat_without_tempo", pb.SessionRequest(pause=pb.Pause(at=pb.At(next_beat=True))), INVALID,
      "pause.at.next_beat"),
     ("set_tempo_zero", pb.SessionRequest(set_tempo=pb.Tempo(bpm=0.0, beats_per_bar=4)), INVALID, "set_tempo.bpm"),
+    ("rollback_alone", pb.SessionRequest(set_prompt=pb.SetPrompt(rollback=pb.Rollback(margin_seconds=0.2))),
+     INVALID, "set_prompt.rollback"),
+    ("rollback_margin_nan", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", rollback=pb.Rollback(
+        margin_seconds=math.nan))), INVALID, "set_prompt.rollback.margin_seconds"),
+    ("rollback_margin_negative", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", rollback=pb.Rollback(
+        margin_seconds=-0.1))), INVALID, "set_prompt.rollback.margin_seconds"),
     ("transition_alone", pb.SessionRequest(set_prompt=pb.SetPrompt(transition=pb.Transition(seconds=2.0))),
      INVALID, "set_prompt.transition"),
     ("transition_nan", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
