@@ -121,12 +121,13 @@ class AsyncLiveSession:
                    transition_seconds: float | None = None, transition_frames: int | None = None,
                    guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                    top_p: float | None = None, greedy: bool | None = None, seed: int | None = None,
-                   at: At | None = None, rollback_seconds: float | None = None) -> None:
+                   at: At | None = None, rollback_seconds: float | None = None,
+                   transition_beats: float | None = None) -> None:
         """See `LiveSession.set_prompt`."""
         self._live.set_prompt(text, prompts=prompts, transition_seconds=transition_seconds,
                               transition_frames=transition_frames, guidance_scale=guidance_scale,
                               temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, at=at,
-                              rollback_seconds=rollback_seconds)
+                              rollback_seconds=rollback_seconds, transition_beats=transition_beats)
 
     def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False,
                      at: At | None = None) -> None:

@@ -469,6 +469,8 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
     elif line.startswith(":morph "):
         try:
             length, target = _morph(line[len(":morph "):])
+            if "transition_beats" in length and session.tempo is None:
+                raise ValueError("morph: beats need a tempo (--tempo BPM, or :tempo BPM)")
         except ValueError as error:
             progress.message(str(error))
         else:
@@ -512,17 +514,19 @@ def _at(spec: str, sample_rate: int) -> tuple[At, str]:
 
 
 def _morph(spec: str) -> tuple[dict, str | list[tuple[str, float]]]:
-    """'8s dark techno' / '400f a=1 | b=1' -> ({transition_seconds or transition_frames}, text or weights)."""
+    """'8s dark techno' / '400f a=1 | b=1' / '16b ...' -> ({transition_seconds, _frames or _beats}, text or
+    weights)."""
     length, _, target = spec.strip().partition(" ")
-    unit = {"s": "transition_seconds", "f": "transition_frames"}.get(length[-1:])
+    unit = {"s": "transition_seconds", "f": "transition_frames", "b": "transition_beats"}.get(length[-1:])
     try:
         value = float(length[:-1]) if unit else None
     except ValueError:
         value = None
-    limit = 600 if unit == "transition_seconds" else 30000  # the server's bound (600 s)
+    limit = {"transition_seconds": 600, "transition_beats": 1024}.get(unit, 30000)  # the server's bounds
     if value is None or not math.isfinite(value) or not 0 <= value <= limit or not target.strip():
-        raise ValueError(f"morph: expected ':morph 8s TEXT' or ':morph 400f TEXT=W | TEXT=W', got {spec!r}")
-    amount = {unit: value if unit == "transition_seconds" else int(value)}
+        raise ValueError(f"morph: expected ':morph 8s TEXT', ':morph 400f TEXT=W | TEXT=W' or ':morph 16b TEXT' "
+                         f"(beats of the tempo), got {spec!r}")
+    amount = {unit: int(value) if unit == "transition_frames" else value}
     return amount, parse_weights(target) if "=" in target else target.strip()
 
 

@@ -214,8 +214,11 @@ def weighted_prompts(prompts: PromptWeights) -> list[pb.WeightedPrompt]:
 
 def set_prompt_request(text: str | None, sampling: Sampling, prompts: PromptWeights | None = None,
                        transition_seconds: float | None = None, transition_frames: int | None = None,
-                       at: At | None = None, rollback_seconds: float | None = None) -> pb.SessionRequest:
+                       at: At | None = None, rollback_seconds: float | None = None,
+                       transition_beats: float | None = None) -> pb.SessionRequest:
     change = pb.SetPrompt()
+    if transition_beats is not None:
+        change.transition.beats = float(transition_beats)
     if rollback_seconds is not None:
         change.rollback.margin_seconds = float(rollback_seconds)
     if at is not None:

@@ -62,18 +62,20 @@ class SessionControl(EventTracker):
                    transition_seconds: float | None = None, transition_frames: int | None = None,
                    guidance_scale: float | None = None, temperature: float | None = None, top_k: int | None = None,
                    top_p: float | None = None, greedy: bool | None = None, seed: int | None = None,
-                   at: rq.At | None = None, rollback_seconds: float | None = None) -> None:
+                   at: rq.At | None = None, rollback_seconds: float | None = None,
+                   transition_beats: float | None = None) -> None:
         """New text prompt (None keeps the current one, "" is unconditional), or `prompts`, several texts with
         weights ({text: weight} or [(text, weight)]; the server normalises them to sum 1), and/or sampling
         fields (None keeps each); applies from the next decoder step. A Notice(PROMPT_APPLIED) reports the
-        frame. transition_seconds / transition_frames: move the weights to the new prompts linearly over that
-        long instead of at once; Notice(TRANSITION_ENDED) reports the first frame under the new ones alone.
+        frame. transition_seconds / transition_frames / transition_beats (of the session tempo): move the
+        weights to the new prompts linearly over that long instead of at once; Notice(TRANSITION_ENDED) reports
+        the first frame under the new ones alone.
         at: when it lands (`At.bar(8)`, `At.next_bar()`, `At.sample(n)`, ...; None = the next step).
         rollback_seconds: instant steering: land this long after what was last acked as played, rolling back
         audio already sent (a Retracted event says from which sample; a Player drops it from its buffer)."""
         sampling = Sampling(guidance_scale, temperature, top_k, top_p, greedy, seed)
         self._send(rq.set_prompt_request(text, sampling, prompts, transition_seconds, transition_frames, at,
-                                         rollback_seconds))
+                                         rollback_seconds, transition_beats))
 
     def append_audio(self, samples: np.ndarray, sample_rate: int, replace_context: bool = False,
                      at: rq.At | None = None) -> None:

@@ -113,10 +113,15 @@ def tempo_from_pb(tempo: pb.Tempo, field: str) -> Tempo:
     return Tempo(tempo.bpm, tempo.beats_per_bar, tempo.beat_one_sample)
 
 
-def transition_frames(model: MusicGen, transition: pb.Transition, field: str) -> int:
-    """A Transition's length in whole frames (0 = at once); SpecError naming the field when out of range."""
+def transition_frames(model: MusicGen, transition: pb.Transition, field: str) -> int | float:
+    """A Transition's length in whole frames (0 = at once), or for `beats` the beats as a float (the engine
+    turns them into frames at the session tempo); SpecError naming the field when out of range."""
     rate = model.config.frame_rate
     kind = transition.WhichOneof("length")
+    if kind == "beats":
+        if not math.isfinite(transition.beats) or not 0 <= transition.beats <= 1024:
+            raise SpecError(f"{field}.beats", f"must be in [0, 1024], got {transition.beats}")
+        return float(transition.beats)
     if kind == "seconds":
         seconds = transition.seconds
         if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TRANSITION_SECONDS:

@@ -96,6 +96,7 @@ class SetPrompt(Command):
     at: At | None = None  # None = from the next step
     sampling_changes: dict | None = None  # fields to merge onto the sampling in effect when it lands
     rollback_frames: int | None = None  # land at the first unplayed frame + this many, retracting sent audio
+    transition_beats: float | None = None  # a transition's length in beats of the session tempo (when it lands)
 
     def apply(self, engine: "Engine") -> None:
         if self.rollback_frames is not None:
@@ -107,7 +108,12 @@ class SetPrompt(Command):
         params = self.params
         if params is None and self.sampling_changes:
             params = replace(self.session.params, **self.sampling_changes)
-        self.session.set_prompt(self.prompts, params, self.transition_frames)
+        frames = self.transition_frames
+        if self.transition_beats is not None:
+            frames = self.session.frames_for_beats(self.transition_beats, "set_prompt.transition.beats")
+            if frames is None:
+                return
+        self.session.set_prompt(self.prompts, params, frames)
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,8 @@ class SessionHandle:
 
     def set_prompt(self, text: str | None = None, params: SamplingParams | None = None, *,
                    prompts: WeightedPrompts | None = None, transition_frames: int = 0, at: At | None = None,
-                   sampling_changes: dict | None = None, rollback_frames: int | None = None) -> None:
+                   sampling_changes: dict | None = None, rollback_frames: int | None = None,
+                   transition_beats: float | None = None) -> None:
         """A new text (or `prompts`, several weighted texts) and/or sampling (whole `params`, or
         `sampling_changes`: fields merged onto the sampling in effect when the change lands); None keeps what
         is in effect. transition_frames > 0: the weights move from the mix in effect to the new prompts over
@@ -201,7 +208,7 @@ class SessionHandle:
         if sampling_changes and at is None:
             self.params = replace(self.params, **sampling_changes)  # the transport checks the next change on it
         self._engine.submit(SetPrompt(self._session, prompts, params, transition_frames, at, sampling_changes,
-                                      rollback_frames))
+                                      rollback_frames, transition_beats))
 
     def append_audio(self, audio: np.ndarray, replace_context: bool = False, at: At | None = None) -> None:
         """audio: (channels, samples) float32 at the model's rate."""

@@ -290,11 +290,12 @@ class MusicGenService:
                     raise SpecError("set_prompt.sampling.guidance_scale",
                                     "cannot switch guidance on or off mid-session (<= 1 vs > 1)")
                 changes = convert.sampling_changes(change.sampling)
-            transition = 0
+            transition, transition_beats = 0, None
             if change.HasField("transition"):
                 if text is None and prompts is None:
                     raise SpecError("set_prompt.transition", "needs text or prompts to move to")
-                transition = convert.transition_frames(self.model, change.transition, "set_prompt.transition")
+                length = convert.transition_frames(self.model, change.transition, "set_prompt.transition")
+                transition, transition_beats = (0, length) if isinstance(length, float) else (length, None)
             rollback = None
             if change.HasField("rollback"):
                 if text is None and prompts is None:
@@ -302,7 +303,7 @@ class MusicGenService:
                 rollback = convert.rollback_frames(self.model, change.rollback, "set_prompt.rollback")
             handle.set_prompt(text, prompts=prompts, transition_frames=transition,
                               at=convert.at_from_pb(change, "set_prompt.at"), sampling_changes=changes,
-                              rollback_frames=rollback)
+                              rollback_frames=rollback, transition_beats=transition_beats)
         elif kind == "append_audio":
             await self._append(message.append_audio, handle, parts)
 

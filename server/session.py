@@ -198,6 +198,14 @@ class Session:
         self._arrivals += 1
         bisect.insort(self.scheduled, (frame, self._arrivals, action), key=lambda item: item[:2])
 
+    def frames_for_beats(self, beats: float, field: str) -> int | None:
+        """Beats of the session tempo in whole frames; None (the session ended, naming `field`) without one."""
+        if self.tempo is None:
+            self.finish(FinishReason.ERROR, f"{field}: beats need a session tempo (StartSession.tempo or "
+                                            "set_tempo)", Failure.REQUEST)
+            return None
+        return round(beats * 60.0 / self.tempo.bpm * self.model.config.frame_rate)
+
     def _run_due(self) -> None:
         while self.scheduled and not self.finished and self.scheduled[0][0] <= self.source.frames_done:
             self.scheduled.pop(0)[2]()

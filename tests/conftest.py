@@ -77,6 +77,22 @@ def mono_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("mono")
 
 
+@pytest.fixture(scope="module")
+def mono_model(mono_checkpoint):
+    """The mono checkpoint loaded (float32), once per test module."""
+    from musicgen_core import MusicGen
+    return MusicGen.from_pretrained(mono_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def mono_server(mono_model):
+    """A real gRPC server on loopback serving `mono_model`, once per test module."""
+    from server.engine import EngineConfig
+    from server_harness import ServerThread
+    with ServerThread(mono_model, EngineConfig(max_sessions=8)) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def stereo_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("stereo", stereo=True)

@@ -150,15 +150,14 @@ def test_live_mode_steers_from_stdin(server, tmp_path):
     assert pcm.shape[0] == total > frame * 640  # the WAV holds every sample sent, past the prompt change
 
 
-def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live",
-                                "--weights", "ambient pad=3 | dark techno=1", "--no-playback", "--lead", "0.5"],
+def live_session_output(server, options: list[str], lines: list[tuple[str, float]]) -> str:
+    """`musicgen-client live` with these options, fed each line after its pause; -> stdout + stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live", *options,
+                                "--no-playback", "--lead", "0.5"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        for line, pause in (("", 0.6), (":weights ambient pad=nan", 0.2), (":weights ambient pad=1, dark techno=1", 0.5),
-                            (":morph 5f funky bass=1", 0.2), (":morph 3x y", 0.5), (":quit", 0.6)):
+        for line, pause in lines:
             time.sleep(pause)
             process.stdin.write(line + "\n")
             process.stdin.flush()
@@ -166,7 +165,13 @@ def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    output = stdout + stderr
+    return stdout + stderr
+
+
+def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server):
+    output = live_session_output(server, ["--weights", "ambient pad=3 | dark techno=1"], [
+        ("", 0.6), (":weights ambient pad=nan", 0.2), (":weights ambient pad=1, dark techno=1", 0.5),
+        (":morph 5f funky bass=1", 0.2), (":morph 3x y", 0.5), (":quit", 0.6)])
     assert "'ambient pad' has weight nan" in output  # refused here: the session plays on
     assert "prompts sent: ambient pad=1 | dark techno=1" in output
     assert len([line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]) == 2
@@ -176,22 +181,10 @@ def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server
 
 
 def test_live_mode_schedules_commands_at_bars_of_its_tempo(server):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live", "lofi",
-                                "--tempo", "600", "--beats-per-bar", "2", "--no-playback", "--lead", "0.5"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
-    try:  # at 600 bpm a bar of 2 beats is 0.2 s: 10 frames
-        for line, pause in (("", 0.6), (":at bar 0 dark techno", 0.1), (":at soon x", 0.1),
-                            (":at next-bar :morph 5f ambient", 0.8), (":now funky bass", 0.6), (":quit", 0.3)):
-            time.sleep(pause)
-            process.stdin.write(line + "\n")
-            process.stdin.flush()
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr
-    output = stdout + stderr
+    # at 600 bpm a bar of 2 beats is 0.2 s: 10 frames
+    output = live_session_output(server, ["lofi", "--tempo", "600", "--beats-per-bar", "2"], [
+        ("", 0.6), (":at bar 0 dark techno", 0.1), (":at soon x", 0.1), (":at next-bar :morph 5f ambient", 0.8),
+        (":now funky bass", 0.6), (":quit", 0.3)])
     assert "at: sample 0 is already generated or about to be" in output  # refused here, not by the server
     assert "at: expected" in output
     applied = [int(line.split("at frame ")[1].split(",")[0]) for line in output.splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,17 +21,8 @@ from pythonosc.osc_message import OscMessage  # noqa: E402
 from pythonosc.osc_message_builder import OscMessageBuilder  # noqa: E402
 
 from audio_devices import ClockedAlsaDevice  # noqa: E402
-from musicgen_core import MusicGen  # noqa: E402
-from server.engine import EngineConfig  # noqa: E402
-from server_harness import ServerThread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def server(mono_checkpoint):
-    with ServerThread(MusicGen.from_pretrained(mono_checkpoint), EngineConfig(max_sessions=4)) as running:
-        yield running
 
 
 class Bridge:
@@ -84,13 +76,13 @@ class Bridge:
 
 
 @pytest.mark.skipif(ctypes.util.find_library("portaudio") is None, reason="PortAudio is not installed")
-def test_osc_starts_steers_and_stops_a_session_played_into_the_device(server, tmp_path):
+def test_osc_starts_steers_and_stops_a_session_played_into_the_device(mono_server, tmp_path):
     device = ClockedAlsaDevice(tmp_path / "home", 32000, 1)
     loop = tmp_path / "loop.wav"
     with wave.open(str(loop), "wb") as handle:
         handle.setnchannels(1), handle.setsampwidth(2), handle.setframerate(32000)
         handle.writeframes((3000 * np.sin(np.arange(32000) * 0.05)).astype("<i2").tobytes())
-    bridge = Bridge(server, env=device.env())
+    bridge = Bridge(mono_server, env=device.env())
     try:
         bridge.send("/musicgen/0/start", "warm lofi beat")
         session_id, rate = bridge.wait_for("/musicgen/0/started")
@@ -122,8 +114,8 @@ def test_osc_starts_steers_and_stops_a_session_played_into_the_device(server, tm
     assert received.shape[0] > 0 and np.abs(received).max() > 0  # the device played the session's audio
 
 
-def test_bad_messages_get_an_error_reply_and_the_bridge_keeps_running(server):
-    bridge = Bridge(server, "--no-playback")
+def test_bad_messages_get_an_error_reply_and_the_bridge_keeps_running(mono_server):
+    bridge = Bridge(mono_server, "--no-playback")
     try:
         cases = [(("/musicgen/0/prompt", "x"), "/musicgen/0/prompt", ""),  # no session yet
                  (("/synth/1/freq", 440.0), "/synth/1/freq", ""),
@@ -155,5 +147,25 @@ def test_bad_messages_get_an_error_reply_and_the_bridge_keeps_running(server):
         for channel in (0, 1):
             bridge.send(f"/musicgen/{channel}/stop")
             assert bridge.wait_for(f"/musicgen/{channel}/finished")[0] == "stopped"
+    finally:
+        bridge.close()
+
+
+@pytest.mark.skipif(shutil.which("oscsend") is None, reason="liblo-tools (oscsend) is not installed")
+def test_liblo_oscsend_drives_the_bridge(mono_server):
+    bridge = Bridge(mono_server, "--no-playback")
+
+    def oscsend(address: str, types: str = "", *args: str) -> None:
+        subprocess.run(["oscsend", "127.0.0.1", str(bridge.port), address, types, *args], check=True, timeout=10)
+
+    try:
+        oscsend("/musicgen/2/start", "s", "warm lofi beat")
+        assert bridge.wait_for("/musicgen/2/started")[1] == 32000
+        oscsend("/musicgen/2/weights", "sfsf", "ambient pad", "0.25", "dark techno", "0.75")
+        assert bridge.wait_for("/musicgen/2/applied")[0] == 1
+        oscsend("/musicgen/2/prompt", "i", "7")
+        assert bridge.wait_for("/musicgen/error")[:2] == ["/musicgen/2/prompt", "1"]
+        oscsend("/musicgen/2/stop")
+        assert bridge.wait_for("/musicgen/2/finished")[0] == "stopped"
     finally:
         bridge.close()

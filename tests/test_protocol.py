@@ -205,7 +205,7 @@ PUBLISHED_NUMBERS = {
     "ResumeFrom": {"codes": 1, "at_sample": 2},
     "WeightedPrompt": {"text": 1, "weight": 2},
     "SetPrompt": {"text": 1, "sampling": 2, "prompts": 3, "transition": 4, "at": 5, "rollback": 6},
-    "Transition": {"seconds": 1, "frames": 2},
+    "Transition": {"seconds": 1, "frames": 2, "beats": 3},
     "AppendAudio": {"audio": 1, "partial": 2, "replace_context": 3, "at": 4},
     "Ack": {"samples_played": 1},
     "GenerateRequest": {"request": 1},

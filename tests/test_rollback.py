@@ -5,37 +5,24 @@ frames from it equal a session that applied the change there (the same random dr
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from musicgen.v1 import musicgen_pb2 as pb
 from musicgen_core import MusicGen
-from server.engine import EngineConfig
-from server_harness import RequestQueue, ServerThread
+from server_harness import RequestQueue
 
 LOFI, TECHNO = "warm lofi beat with piano", "dark techno"
 SEEDED = pb.Sampling(seed=5, guidance_scale=3.0)
 
 
-@pytest.fixture(scope="module")
-def model(mono_checkpoint):
-    return MusicGen.from_pretrained(mono_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with ServerThread(model, EngineConfig(max_sessions=4)) as running:
-        yield running
-
-
-def rolled_back(server, played_frames: int, margin: float, frames_after: int = 20, **start_fields):
+def rolled_back(mono_server, played_frames: int, margin: float, frames_after: int = 20, **start_fields):
     """A paced session (1 s lead) acked to `played_frames`, then steered to TECHNO with a rollback margin.
     -> (every event, the final codes (codebooks, frames) and audio (channels, samples) with each sample
     taken from the last chunk that carried it)."""
     start = pb.StartSession(prompt=LOFI, sampling=SEEDED, return_codes=True, chunk_frames=1, max_lead_seconds=1.0,
                             **start_fields)
     requests = RequestQueue(pb.SessionRequest(start=start))
-    call = server.stub().Session(iter(requests))
+    call = mono_server.stub().Session(iter(requests))
     events, steered, resumed_at, spf = [], False, None, None
     for event in call:
         events.append(event)
@@ -70,21 +57,21 @@ def rolled_back(server, played_frames: int, margin: float, frames_after: int = 2
 
 
 @torch.inference_mode()
-def reference(model: MusicGen, frames: int, switch_step: int | None) -> np.ndarray:
+def reference(mono_model: MusicGen, frames: int, switch_step: int | None) -> np.ndarray:
     """Sampled with the session's seed, the text switched before step `switch_step` (the core's own step)."""
-    params = model.default_sampling(seed=5, guidance_scale=3.0)
-    state = model.start_sequence(model.encode_text([LOFI])[0], params)
+    params = mono_model.default_sampling(seed=5, guidance_scale=3.0)
+    state = mono_model.start_sequence(mono_model.encode_text([LOFI])[0], params)
     step = 0
     while state.grid.first_frame_of_next_column() < frames:
         if step == switch_step:
-            state.cross = model.cross_attention(model.encode_text([TECHNO])[0], True)
-        model.step([state])
+            state.cross = mono_model.cross_attention(mono_model.encode_text([TECHNO])[0], True)
+        mono_model.step([state])
         step += 1
     return state.grid.frames(0, frames).numpy()
 
 
-def test_a_rollback_lands_after_the_played_audio_plus_the_margin_and_regenerates_from_there(server, model):
-    events, codes, audio = rolled_back(server, played_frames=10, margin=0.1)
+def test_a_rollback_lands_after_the_played_audio_plus_the_margin_and_regenerates_from_there(mono_server, mono_model):
+    events, codes, audio = rolled_back(mono_server, played_frames=10, margin=0.1)
     retracted = [e.retracted for e in events if e.WhichOneof("event") == "retracted"]
     assert [(r.frame, r.sample) for r in retracted] == [(15, 15 * 640)]  # 10 played + 0.1 s (5 frames)
     applied = [e.notice.frame for e in events if e.WhichOneof("event") == "notice"
@@ -96,31 +83,31 @@ def test_a_rollback_lands_after_the_played_audio_plus_the_margin_and_regenerates
     sequences = [e.audio.sequence for e in events if e.WhichOneof("event") == "audio"]
     assert sequences == list(range(len(sequences)))  # chunk numbering goes on
     frames = codes.shape[1]
-    assert np.array_equal(codes[:, :15], reference(model, 15, None))
-    expected = reference(model, frames, 15 + 3)
+    assert np.array_equal(codes[:, :15], reference(mono_model, 15, None))
+    expected = reference(mono_model, frames, 15 + 3)
     assert np.array_equal(codes, expected), np.argwhere(codes != expected)  # the change applied at frame 15
-    offline = model.decode_audio(torch.from_numpy(codes))[0].numpy()
+    offline = mono_model.decode_audio(torch.from_numpy(codes))[0].numpy()
     tail = (frames - 4) * 640  # the last frames' audio waits for right context
     assert np.abs(audio[15 * 640: tail] - offline[15 * 640: tail]).max() < 1e-5
 
 
-def test_at_an_output_rate_of_48_khz_the_audio_after_the_splice_is_the_continuous_streams(server, model):
+def test_at_an_output_rate_of_48_khz_the_audio_after_the_splice_is_the_continuous_streams(mono_server, mono_model):
     import soxr
 
-    events, codes, audio = rolled_back(server, played_frames=10, margin=0.1,
+    events, codes, audio = rolled_back(mono_server, played_frames=10, margin=0.1,
                                        output=pb.AudioFormat(sample_rate=48000))
     assert [e.retracted.sample for e in events if e.WhichOneof("event") == "retracted"] == [15 * 960]
-    offline = model.decode_audio(torch.from_numpy(codes))[0].numpy()
+    offline = mono_model.decode_audio(torch.from_numpy(codes))[0].numpy()
     expected = soxr.resample(offline, 32000, 48000, quality="HQ")
     tail = (codes.shape[1] - 6) * 960  # right context of the codec and the resampler
     assert np.abs(audio[15 * 960: tail] - expected[15 * 960: tail]).max() < 1e-4
 
 
-def test_a_margin_past_what_was_generated_schedules_the_change_without_retracting(server):
+def test_a_margin_past_what_was_generated_schedules_the_change_without_retracting(mono_server):
     start = pb.StartSession(prompt=LOFI, sampling=SEEDED, chunk_frames=5, max_lead_seconds=1.0)
     requests = RequestQueue(pb.SessionRequest(start=start))
     events, steered = [], False
-    for event in server.stub().Session(iter(requests)):
+    for event in mono_server.stub().Session(iter(requests)):
         events.append(event)
         kind = event.WhichOneof("event")
         if kind == "audio" and not steered and event.audio.first_frame >= 20:
@@ -173,7 +160,7 @@ class ClockedOutput:
         pass
 
 
-def test_the_player_drops_the_retracted_audio_and_plays_the_new_audio_from_the_splice(server):
+def test_the_player_drops_the_retracted_audio_and_plays_the_new_audio_from_the_splice(mono_server):
     import time
 
     from client import AudioChunk, MusicGenClient, Player, Retracted
@@ -185,7 +172,7 @@ def test_the_player_drops_the_retracted_audio_and_plays_the_new_audio_from_the_s
         return outputs[-1]
 
     received: list = []
-    with MusicGenClient(server.address) as client:
+    with MusicGenClient(mono_server.address) as client:
         session = client.open_session(LOFI, sampling={"seed": 5, "guidance_scale": 3.0}, chunk_frames=2,
                                       max_lead_seconds=1.0)
         player = Player(session, output=output, start_fill_seconds=0.2, on_event=received.append).start()

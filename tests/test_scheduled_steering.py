@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from musicgen.v1 import musicgen_pb2 as pb
-from musicgen_core import MusicGen, WeightedPrompts
-from server.engine import EngineConfig
-from server_harness import RequestQueue, ServerThread, collect
+from musicgen_core import WeightedPrompts
+from server_harness import RequestQueue, collect
 from test_weighted_prompts import LOFI, TECHNO, reference
 
 GREEDY = pb.Sampling(greedy=True, guidance_scale=3.0)
@@ -18,18 +17,7 @@ GREEDY = pb.Sampling(greedy=True, guidance_scale=3.0)
 TEMPO = pb.Tempo(bpm=600, beats_per_bar=4, beat_one_sample=3200)
 
 
-@pytest.fixture(scope="module")
-def model(mono_checkpoint):
-    return MusicGen.from_pretrained(mono_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with ServerThread(model, EngineConfig(max_sessions=8)) as running:
-        yield running
-
-
-def scheduled(server, *steering: pb.SessionRequest, frames: int = 60, **start_fields):
+def scheduled(mono_server, *steering: pb.SessionRequest, frames: int = 60, **start_fields):
     """A paused, unpaced session: the steering requests, then Resume, then a stop at `frames`."""
     start = pb.StartSession(prompt=LOFI, sampling=GREEDY, return_codes=True, chunk_frames=5, unpaced=True,
                             start_paused=True, **start_fields)
@@ -38,7 +26,7 @@ def scheduled(server, *steering: pb.SessionRequest, frames: int = 60, **start_fi
         requests.send(request)
     requests.send(pb.SessionRequest(stop=pb.Stop(at=pb.At(frame=frames))))
     requests.send(pb.SessionRequest(resume=pb.Resume()))
-    return collect(server.stub().Session(iter(requests)))
+    return collect(mono_server.stub().Session(iter(requests)))
 
 
 def notices(result, kind) -> list[int]:
@@ -47,17 +35,17 @@ def notices(result, kind) -> list[int]:
 
 @pytest.mark.parametrize("at", [pb.At(frame=30), pb.At(sample=30 * 640 - 639), pb.At(sample=30 * 640)],
                          ids=["frame", "sample_inside_the_frame_before", "sample_on_the_frame"])
-def test_a_prompt_change_scheduled_at_a_time_lands_on_its_frame(server, model, at):
-    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=at)))
+def test_a_prompt_change_scheduled_at_a_time_lands_on_its_frame(mono_server, mono_model, at):
+    result = scheduled(mono_server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=at)))
     assert notices(result, pb.NOTICE_KIND_PROMPT_APPLIED) == [30]
-    switched = reference(model, WeightedPrompts.single(LOFI), 60, switch=(33, WeightedPrompts.single(TECHNO)))
+    switched = reference(mono_model, WeightedPrompts.single(LOFI), 60, switch=(33, WeightedPrompts.single(TECHNO)))
     assert np.array_equal(result.codes, switched)
     first_new = next(c for c in result.of("audio") if c.prompt_revision == 1)
     assert first_new.first_frame == 30 and first_new.start_sample == 30 * 640
 
 
-def test_bars_and_beats_of_the_session_tempo(server):
-    result = scheduled(server,
+def test_bars_and_beats_of_the_session_tempo(mono_server):
+    result = scheduled(mono_server,
                        pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(next_bar=True))),
                        pb.SessionRequest(set_prompt=pb.SetPrompt(text=LOFI, at=pb.At(bar=2))),
                        pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(beat=10))),
@@ -66,14 +54,14 @@ def test_bars_and_beats_of_the_session_tempo(server):
     assert notices(result, pb.NOTICE_KIND_PROMPT_APPLIED) == [5, 45, 55]
 
 
-def test_a_new_tempo_applies_to_the_commands_after_it(server):
+def test_a_new_tempo_applies_to_the_commands_after_it(mono_server):
     faster = pb.Tempo(bpm=600, beats_per_bar=2, beat_one_sample=0)  # a bar is 10 frames
-    result = scheduled(server, pb.SessionRequest(set_tempo=faster),
+    result = scheduled(mono_server, pb.SessionRequest(set_tempo=faster),
                        pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(bar=3))), tempo=TEMPO)
     assert notices(result, pb.NOTICE_KIND_PROMPT_APPLIED) == [30]
 
 
-def test_pause_stop_and_append_land_on_their_frames(server):
+def test_pause_stop_and_append_land_on_their_frames(mono_server):
     audio = pb.AudioData(pcm=(0.2 * np.sin(np.arange(640 * 6) * 0.05)).astype("<f4").tobytes(), sample_rate=32000,
                          channels=1, encoding=pb.AUDIO_ENCODING_FLOAT32_LE)
     requests = [pb.SessionRequest(append_audio=pb.AppendAudio(audio=audio, at=pb.At(frame=20))),
@@ -84,7 +72,7 @@ def test_pause_stop_and_append_land_on_their_frames(server):
     for request in requests:
         queue.send(request)
     queue.send(pb.SessionRequest(resume=pb.Resume()))
-    call = server.stub().Session(iter(queue))
+    call = mono_server.stub().Session(iter(queue))
     chunks, seen = [], []
     for event in call:
         seen.append(event)
@@ -102,15 +90,15 @@ def test_pause_stop_and_append_land_on_their_frames(server):
     assert finished.total_frames == 50 and finished.total_samples == 50 * 640
 
 
-def test_a_stop_scheduled_ahead_keeps_the_stream_open_for_acks_and_steering(server):
-    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(frame=12))),
+def test_a_stop_scheduled_ahead_keeps_the_stream_open_for_acks_and_steering(mono_server):
+    result = scheduled(mono_server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(frame=12))),
                        frames=24)
     assert result.of("finished")[0].total_frames == 24
     assert notices(result, pb.NOTICE_KIND_PROMPT_APPLIED) == [12]
 
 
-def test_a_scheduled_sampling_change_lands_as_a_change_on_what_is_in_effect_then(server):
-    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(temperature=0.5),
+def test_a_scheduled_sampling_change_lands_as_a_change_on_what_is_in_effect_then(mono_server):
+    result = scheduled(mono_server, pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(temperature=0.5),
                                                                          at=pb.At(frame=40))),
                        pb.SessionRequest(set_prompt=pb.SetPrompt(sampling=pb.Sampling(top_k=10))))
     for chunk in result.of("audio"):  # the later immediate change is kept, the scheduled one waits for frame 40
@@ -118,7 +106,15 @@ def test_a_scheduled_sampling_change_lands_as_a_change_on_what_is_in_effect_then
         assert chunk.sampling.temperature == pytest.approx(0.5 if chunk.first_frame >= 40 else 1.0), chunk.first_frame
 
 
-def test_a_command_due_at_the_frame_reached_applies_in_the_order_sent(server):
-    result = scheduled(server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(frame=0))),
+def test_a_command_due_at_the_frame_reached_applies_in_the_order_sent(mono_server):
+    result = scheduled(mono_server, pb.SessionRequest(set_prompt=pb.SetPrompt(text=TECHNO, at=pb.At(frame=0))),
                        pb.SessionRequest(set_prompt=pb.SetPrompt(text="ambient pads")), frames=10)
     assert {c.prompt for c in result.of("audio")} == {"ambient pads"}  # sent last, so in effect
+
+
+def test_a_transition_in_beats_lasts_that_many_beats_of_the_tempo(mono_server):
+    result = scheduled(mono_server, pb.SessionRequest(set_prompt=pb.SetPrompt(
+        text=TECHNO, at=pb.At(bar=1), transition=pb.Transition(beats=4.0))), tempo=TEMPO, frames=70)
+    applied = notices(result, pb.NOTICE_KIND_PROMPT_APPLIED)
+    assert applied == [25]  # bar 1 of the tempo
+    assert notices(result, pb.NOTICE_KIND_TRANSITION_ENDED) == [25 + 20 - 1]  # 4 beats of 5 frames

@@ -195,6 +195,8 @@ STEER_CASES = [
         margin_seconds=math.nan))), INVALID, "set_prompt.rollback.margin_seconds"),
     ("rollback_margin_negative", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", rollback=pb.Rollback(
         margin_seconds=-0.1))), INVALID, "set_prompt.rollback.margin_seconds"),
+    ("transition_in_beats_without_tempo", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
+        beats=4.0))), INVALID, "set_prompt.transition.beats"),
     ("transition_alone", pb.SessionRequest(set_prompt=pb.SetPrompt(transition=pb.Transition(seconds=2.0))),
      INVALID, "set_prompt.transition"),
     ("transition_nan", pb.SessionRequest(set_prompt=pb.SetPrompt(text="a", transition=pb.Transition(
