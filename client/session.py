@@ -305,8 +305,37 @@ class MusicGenClient:
         server ResourceExhausted). Options as for `generate`, plus pacing: max_lead_seconds (how far the server
         may run ahead of your acks; 0 = its default, 2 s), unpaced, start_paused; seconds/frames unset =
         unbounded (until stop or close)."""
+        failover = fields.pop("failover", False)
+        failover_seconds = fields.pop("failover_seconds", 10.0)
         start = start_message(prompt, options, fields, self.connection.max_message_bytes)
+        if failover:  # resume on another replica when the stream breaks (client/failover.py)
+            from .failover import FailoverSession
+            return FailoverSession(self, start, failover_seconds)
+        return self._open(start)
+
+    def _open(self, start: pb.StartSession) -> LiveSession:
         return LiveSession(self._stub, self.connection, start, self.stream_timeout)
+
+    @classmethod
+    def replicas(cls, addresses: list[str] | str, **options) -> "MusicGenClient":
+        """A client over several server replicas ("host:port" addresses, or one name resolving to several):
+        gRPC balances new calls round-robin over the healthy ones (grpc.health.v1); open sessions with
+        `failover=True` to have them resume elsewhere when their replica goes."""
+        from .failover import SERVICE_CONFIG, replica_target
+        client = cls.__new__(cls)
+        max_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        client.connection = Connection.build(replica_target(addresses), max_message_bytes=max_bytes,
+                                             options=(("grpc.service_config", SERVICE_CONFIG),
+                                                      ("grpc.enable_retries", 0)),
+                                             **{k: options.pop(k) for k in ("secure", "root_certificates", "token",
+                                                                            "tls_server_name") if k in options})
+        client.timeout = options.pop("timeout", 10.0)
+        client.stream_timeout = options.pop("stream_timeout", None)
+        if options:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
+        client._channel = client.connection.channel()
+        client._stub = pb_grpc.MusicGenStub(client._channel)
+        return client
 
     def close(self) -> None:
         self._channel.close()

@@ -37,7 +37,8 @@ NOTICE_KINDS = {NoticeKind.PROMPT_APPLIED: pb.NOTICE_KIND_PROMPT_APPLIED,
                 NoticeKind.CONTEXT_REPRIMED: pb.NOTICE_KIND_CONTEXT_REPRIMED,
                 NoticeKind.AUDIO_APPENDED: pb.NOTICE_KIND_AUDIO_APPENDED,
                 NoticeKind.PAUSED: pb.NOTICE_KIND_PAUSED, NoticeKind.RESUMED: pb.NOTICE_KIND_RESUMED,
-                NoticeKind.TRANSITION_ENDED: pb.NOTICE_KIND_TRANSITION_ENDED}
+                NoticeKind.TRANSITION_ENDED: pb.NOTICE_KIND_TRANSITION_ENDED,
+                NoticeKind.SERVER_DRAINING: pb.NOTICE_KIND_SERVER_DRAINING}
 FINISH_REASONS = {FinishReason.COMPLETED: pb.FINISH_REASON_COMPLETED, FinishReason.STOPPED: pb.FINISH_REASON_STOPPED,
                   FinishReason.SERVER_SHUTDOWN: pb.FINISH_REASON_SERVER_SHUTDOWN,
                   FinishReason.CANCELLED: pb.FINISH_REASON_STOPPED, FinishReason.ERROR: pb.FINISH_REASON_ERROR}
@@ -102,7 +103,7 @@ def resume_from_pb(model: MusicGen, resume: pb.ResumeFrom, output_rate: int, fie
     if first < frames:
         raise SpecError(f"{field}.at_sample", f"the {frames} frames of codes end at frame {first}, so they would "
                                               f"start before frame 0")
-    return ResumeFrom(codes.reshape(frames, books).T.copy(), first)
+    return ResumeFrom(codes.reshape(frames, books).T.copy(), first, resume.at_sample)
 
 
 def tempo_from_pb(tempo: pb.Tempo, field: str) -> Tempo:

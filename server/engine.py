@@ -162,6 +162,14 @@ class Finish(Command):
 
 
 @dataclass(frozen=True)
+class Drain(Command):
+    """The server is going away: the session's client should resume it elsewhere."""
+
+    def apply(self, engine: "Engine") -> None:
+        self.session.drain()
+
+
+@dataclass(frozen=True)
 class SetTempo(Command):
     tempo: Tempo
 
@@ -308,6 +316,18 @@ class Engine:
         while self.active_sessions:  # it is forgotten on the turn after it finished
             time.sleep(0.001)
         return time.perf_counter() - started
+
+    def drain(self, timeout: float) -> None:
+        """Tell every session to move (Notice SERVER_DRAINING) and wait up to `timeout` for their clients to go
+        (a failover client resumes elsewhere and cancels this one); new sessions are already refused."""
+        with self._lock:
+            self._closing = True
+            for session in self._sessions.values():
+                self._inbox.append(Drain(session))
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self.active_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Every session receives Finished(SERVER_SHUTDOWN) with its audio tail, then the thread stops."""

@@ -39,6 +39,7 @@ class ResumeFrom:
 
     codes: np.ndarray
     first_frame: int
+    first_sample: int  # first_frame x the output's samples per frame
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class NoticeKind(Enum):
     PAUSED = "paused"
     RESUMED = "resumed"
     TRANSITION_ENDED = "transition_ended"
+    SERVER_DRAINING = "server_draining"
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,13 @@ class RunningServer:
     engine: Engine
     health: health_aio.HealthServicer
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Graceful: health says NOT_SERVING, sessions get Finished(SERVER_SHUTDOWN), then the server stops."""
+    async def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        """Graceful: health says NOT_SERVING; with `drain`, sessions get Notice(SERVER_DRAINING) and up to that
+        many seconds for their clients to resume elsewhere; the rest get Finished(SERVER_SHUTDOWN); then the
+        server stops."""
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            await asyncio.to_thread(self.engine.drain, drain)
         await asyncio.to_thread(self.engine.shutdown, grace)
         await self.server.stop(grace)
 
@@ -149,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="require `authorization: Bearer TOKEN` on every call")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--drain-seconds", type=float, default=10.0,
+                        help="on SIGTERM, how long sessions get to resume on another replica (Notice "
+                             "SERVER_DRAINING) before they are finished (default 10; 0 = finish at once)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -177,7 +184,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("event=shutting_down active_sessions=%d", engine.active_sessions)
-    await running.stop()
+    await running.stop(drain=args.drain_seconds)
     log.info("event=stopped")
 
 

@@ -170,7 +170,10 @@ class MusicGenService:
         log.info("session=%s event=open client=%r text=%r frames=%s paced=%s", handle.id, spec.client_name,
                  spec.weighted_prompts.label, spec.total_frames, spec.max_lead_seconds is not None)
         paced = spec.max_lead_seconds is not None
-        progress = {"sent": 0, "acked": 0}  # output samples per channel sent / acknowledged (absolute numbering)
+        # output samples per channel sent / acknowledged, numbered from the start: a resumed session has "sent"
+        # up to its first sample already (its client's acks check out before Started is even dequeued here),
+        # and its client may still be playing audio from before it (acks below it are fine)
+        progress = {"sent": spec.resume.first_sample if spec.resume is not None else 0, "acked": 0}
         reader = (asyncio.create_task(self._read(requests, handle, queue, progress, paced))
                   if requests is not None else None)
 
@@ -193,7 +196,6 @@ class MusicGenService:
                     continue
                 if isinstance(item, Started):
                     started = item
-                    progress["sent"] = progress["acked"] = item.first_frame * item.samples_per_frame
                 message = convert.event_to_pb(item, spec, started, return_codes)
                 if message.WhichOneof("event") == "audio":
                     progress["sent"] += message.audio.sample_count

@@ -283,6 +283,11 @@ class Session:
         self.sink(Retracted(frame, frame * self.chunker.samples_per_frame))
         return frame
 
+    def drain(self) -> None:
+        if not self.finished:
+            self._notice(NoticeKind.SERVER_DRAINING, self.source.frames_done,
+                         "the server is shutting down: resume this session on another replica")
+
     def pause(self) -> None:
         if not self.paused:
             self.paused = True
