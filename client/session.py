@@ -267,9 +267,11 @@ class MusicGenClient:
     def __init__(self, target: str = DEFAULT_TARGET, *, secure: bool = False,
                  root_certificates: bytes | str | Path | None = None, token: str | None = None,
                  timeout: float | None = 10.0, stream_timeout: float | None = None,
-                 tls_server_name: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 tls_server_name: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 channel_options: tuple[tuple[str, object], ...] = ()):
         self.connection = Connection.build(target, secure=secure, root_certificates=root_certificates, token=token,
-                                           tls_server_name=tls_server_name, max_message_bytes=max_message_bytes)
+                                           tls_server_name=tls_server_name, max_message_bytes=max_message_bytes,
+                                           options=channel_options)
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._channel = self.connection.channel()
@@ -322,20 +324,8 @@ class MusicGenClient:
         gRPC balances new calls round-robin over the healthy ones (grpc.health.v1); open sessions with
         `failover=True` to have them resume elsewhere when their replica goes."""
         from .failover import SERVICE_CONFIG, replica_target
-        client = cls.__new__(cls)
-        max_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
-        client.connection = Connection.build(replica_target(addresses), max_message_bytes=max_bytes,
-                                             options=(("grpc.service_config", SERVICE_CONFIG),
-                                                      ("grpc.enable_retries", 0)),
-                                             **{k: options.pop(k) for k in ("secure", "root_certificates", "token",
-                                                                            "tls_server_name") if k in options})
-        client.timeout = options.pop("timeout", 10.0)
-        client.stream_timeout = options.pop("stream_timeout", None)
-        if options:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
-        client._channel = client.connection.channel()
-        client._stub = pb_grpc.MusicGenStub(client._channel)
-        return client
+        return cls(replica_target(addresses), channel_options=(("grpc.service_config", SERVICE_CONFIG),
+                                                                ("grpc.enable_retries", 0)), **options)
 
     def close(self) -> None:
         self._channel.close()
