@@ -117,39 +117,6 @@ def test_playback_without_portaudio_says_what_to_install(server, tmp_path):
         assert needed in result.stderr, result.stderr
 
 
-def test_live_mode_steers_from_stdin(server, tmp_path):
-    out = tmp_path / "live.wav"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live",
-                                "ambient pad", "--no-playback", "--out", str(out), "--lead", "0.5"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
-    try:
-        feed = tmp_path / "loop.wav"
-        with WavWriter(feed, 44100, 2) as writer:  # any rate and channel count: the server converts
-            writer.write(np.tile(np.sin(np.arange(44100) * 0.03)[:, None] * 0.3, (1, 2)))
-        for line, pause in (("", 0.6), ("dark techno with heavy kicks", 0.5), (":pause", 0.3), (":resume", 0.4),
-                            (f":feed {feed}", 0.3), (":quit", 0.6)):
-            time.sleep(pause)
-            process.stdin.write(line + "\n")
-            process.stdin.flush()
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr
-    output = stdout + stderr
-    applied = [line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]
-    assert len(applied) == 1, output
-    frame = int(applied[0].split("at frame ")[1].split(",")[0])
-    assert frame > 0
-    assert "notice: paused at frame" in output and "notice: resumed at frame" in output
-    assert "notice: audio appended at frame" in output
-    assert "finished: stopped" in output
-    pcm, _, _ = read_int16_wav(out)
-    total = int(output.split("finished: stopped, ")[1].split(" samples")[0])
-    assert pcm.shape[0] == total > frame * 640  # the WAV holds every sample sent, past the prompt change
-
-
 def live_session_output(server, options: list[str], lines: list[tuple[str, float]]) -> str:
     """`musicgen-client live` with these options, fed each line after its pause; -> stdout + stderr."""
     process = subprocess.Popen([sys.executable, "-m", "client.cli", "--server", server.address, "live", *options,
@@ -166,6 +133,26 @@ def live_session_output(server, options: list[str], lines: list[tuple[str, float
         process.kill()
     assert process.returncode == 0, stderr
     return stdout + stderr
+
+
+def test_live_mode_steers_from_stdin(server, tmp_path):
+    out = tmp_path / "live.wav"
+    feed = tmp_path / "loop.wav"
+    with WavWriter(feed, 44100, 2) as writer:  # any rate and channel count: the server converts
+        writer.write(np.tile(np.sin(np.arange(44100) * 0.03)[:, None] * 0.3, (1, 2)))
+    output = live_session_output(server, ["ambient pad", "--out", str(out)], [
+        ("", 0.6), ("dark techno with heavy kicks", 0.5), (":pause", 0.3), (":resume", 0.4), (f":feed {feed}", 0.3),
+        (":quit", 0.6)])
+    applied = [line for line in output.splitlines() if line.startswith("notice: prompt applied at frame ")]
+    assert len(applied) == 1, output
+    frame = int(applied[0].split("at frame ")[1].split(",")[0])
+    assert frame > 0
+    assert "notice: paused at frame" in output and "notice: resumed at frame" in output
+    assert "notice: audio appended at frame" in output
+    assert "finished: stopped" in output
+    pcm, _, _ = read_int16_wav(out)
+    total = int(output.split("finished: stopped, ")[1].split(" samples")[0])
+    assert pcm.shape[0] == total > frame * 640  # the WAV holds every sample sent, past the prompt change
 
 
 def test_live_mode_takes_weighted_prompts_from_the_command_line_and_stdin(server):
