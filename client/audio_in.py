@@ -13,16 +13,18 @@ from .ring import RingBuffer
 from .wavfile import read_wav
 
 
-def feed_wav(session, path: str | Path, replace_context: bool = False, max_seconds: float | None = None) -> int:
+def feed_wav(session, path: str | Path, replace_context: bool = False, max_seconds: float | None = None,
+             at=None) -> int:
     """Append a WAV file's audio to the session (split into parts under the message limit); the session
     continues from it. max_seconds keeps only the file's last seconds (the server takes at most
-    ModelInfo.max_audio_prompt_seconds). Returns the number of samples sent."""
+    ModelInfo.max_audio_prompt_seconds). at: when (a requests.At; None = the next step). Returns the number of
+    samples sent."""
     audio, rate = read_wav(path)
     if audio.shape[1] > 2:
         audio = audio.mean(axis=1, keepdims=True)
     if max_seconds is not None:
         audio = audio[-int(max_seconds * rate):]
-    session.append_audio(audio, rate, replace_context=replace_context)
+    session.append_audio(audio, rate, replace_context=replace_context, at=at)
     return audio.shape[0]
 
 

@@ -2,11 +2,16 @@
 Strudel) and DAWs.
 
     musicgen-osc --server 127.0.0.1:50051 [--osc-port 57130] [--reply-port N] [--device NAME | --no-playback]
+                 [--link [--quantum 4]]
 
 One session per OSC channel (`/musicgen/<channel>/...`), each played through its own `Player` (or, with
 `--no-playback`, paced by the clock with nothing played). Replies go to the sender's address, or to
 `--reply-port` on the sender's host. The address space is in protos/README.md ("OSC bridge"). A bad message
 gets an `/musicgen/error` reply naming the address and the argument; the bridge keeps running.
+
+With `--link` the bridge is an Ableton Link peer: every session takes Link's tempo, and its bar lines are kept
+on Link's at the speaker (client/link_tempo.py), so `/musicgen/<channel>/at next_bar ...` lands on Link's next
+bar line; `/landed` replies report how far from it the change was heard.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .audio_in import feed_wav
 from .connection import DEFAULT_TARGET
 from .errors import MusicGenError
 from .events import AudioChunk, Event, Finished, Notice, NoticeKind
+from .link_tempo import Anchor, LinkClock, LinkUnavailable, anchor, bar_error_samples, moved
+from .requests import At, Tempo
 from .session import LiveSession, MusicGenClient
 
 log = logging.getLogger("musicgen.osc")
@@ -35,6 +42,9 @@ log = logging.getLogger("musicgen.osc")
 PREFIX = "/musicgen"
 DEFAULT_OSC_PORT = 57130
 MAX_CHANNELS = 16
+LINK_POLL_SECONDS = 0.05  # how often a Link tempo or phase change is looked for
+ANCHOR_WAIT_SECONDS = 3.0  # a bar-scheduled command waits this long for playback to start (bar lines unknown)
+SCHEDULABLE = ("prompt", "weights", "morph", "append", "pause", "stop")
 
 
 class OscError(ValueError):
@@ -54,6 +64,9 @@ class Channel:
     player: object | None = None  # client.player.Player, or a ClockPlayer with --no-playback
     underruns_reported: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
+    anchor: Anchor | None = None  # the tempo last sent with --link
+    tempo_lock: threading.Lock = field(default_factory=threading.Lock)
+    landings: list[tuple[str, int]] = field(default_factory=list)  # (notice, sample) not yet heard (--link)
 
     @property
     def live(self) -> bool:
@@ -63,16 +76,20 @@ class Channel:
 class ClockPlayer:
     """--no-playback: reads the session and acks by the wall clock, as a device would consume it."""
 
+    ack_interval = 0.02
+
     def __init__(self, session: LiveSession, on_event):
         self.session, self.on_event = session, on_event
         self.samples_received = 0
         self.underruns = 0
         self._started = time.monotonic()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._ack, daemon=True)]
 
     def start(self) -> "ClockPlayer":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     @property
@@ -84,14 +101,25 @@ class ClockPlayer:
     def buffered_seconds(self) -> float:
         return (self.samples_received - self.samples_played) / self.session.started.sample_rate
 
-    def _run(self) -> None:
+    def heard_at(self, sample: int) -> float:
+        """The clock is the 'device': sample n is due at start + n / rate."""
+        return self._started + sample / self.session.started.sample_rate
+
+    def sample_heard_at(self, when: float) -> float:
+        return (when - self._started) * self.session.started.sample_rate
+
+    def _read(self) -> None:
         for event in self.session:
             if isinstance(event, AudioChunk):
                 self.samples_received = event.end_sample
             self.on_event(event)
-            self.session.ack(self.samples_played)
             if self._closing.is_set():
                 break
+
+    def _ack(self) -> None:
+        """Acks as time passes, not only when audio arrives: a paced session waits at its lead for them."""
+        while not self._closing.wait(self.ack_interval) and self.session.finished is None:
+            self.session.ack(self.samples_played)
 
     def close(self) -> None:
         self._closing.set()
@@ -102,8 +130,10 @@ class OscBridge:
     """Holds the channels and turns OSC messages into session steering; replies over `reply` (a UDP socket)."""
 
     def __init__(self, client: MusicGenClient, *, playback: bool = True, device: str | None = None,
-                 reply_port: int | None = None, position_interval: float = 0.5, lead_seconds: float = 0.0):
+                 reply_port: int | None = None, position_interval: float = 0.5, lead_seconds: float = 0.0,
+                 link: LinkClock | None = None):
         self.client = client
+        self.link = link
         self.playback = playback
         self.default_device = device
         self.reply_port = reply_port
@@ -172,7 +202,9 @@ class OscBridge:
         if old is not None and old.live:
             raise OscError("", f"channel {number} is already playing; send {PREFIX}/{number}/stop first")
         channel = Channel(number, self.reply_address(sender), device=old.device if old else self.default_device)
-        session = self.client.open_session(prompt, max_lead_seconds=self.lead_seconds, client_name="musicgen-osc")
+        tempo = Tempo(self.link.tempo, self.link.quantum) if self.link else None  # phase set once it plays
+        session = self.client.open_session(prompt, max_lead_seconds=self.lead_seconds, client_name="musicgen-osc",
+                                           tempo=tempo)
         channel.session = session
         on_event = lambda event: self.on_event(channel, event)  # noqa: E731
         if self.playback:
@@ -187,16 +219,16 @@ class OscBridge:
         reporter.start()
         channel.threads.append(reporter)
 
-    def prompt(self, number: int, sender, args: list) -> None:
+    def prompt(self, number: int, sender, args: list, at: At | None = None) -> None:
         text = _string(args, 0, "text")
         if len(args) > 1:
             raise OscError("2", "prompt takes one argument: the text")
-        self.live_channel(number).session.set_prompt(text)
+        self.live_channel(number).session.set_prompt(text, at=at)
 
-    def weights(self, number: int, sender, args: list) -> None:
-        self.live_channel(number).session.set_prompt(prompts=_pairs(args, 0))
+    def weights(self, number: int, sender, args: list, at: At | None = None) -> None:
+        self.live_channel(number).session.set_prompt(prompts=_pairs(args, 0), at=at)
 
-    def morph(self, number: int, sender, args: list) -> None:
+    def morph(self, number: int, sender, args: list, at: At | None = None) -> None:
         seconds = _number(args, 0, "seconds")
         if not 0 <= seconds <= 600:
             raise OscError("1", f"seconds must be in [0, 600], got {seconds:g}")
@@ -204,26 +236,131 @@ class OscBridge:
             target = {"text": _string(args, 1, "text")}
         else:
             target = {"prompts": _pairs(args, 1)}
-        self.live_channel(number).session.set_prompt(transition_seconds=seconds, **target)
+        self.live_channel(number).session.set_prompt(transition_seconds=seconds, at=at, **target)
 
-    def append(self, number: int, sender, args: list) -> None:
+    def append(self, number: int, sender, args: list, at: At | None = None) -> None:
         path = Path(_string(args, 0, "path"))
         if not path.is_file():
             raise OscError("1", f"no such file: {path}")
         channel = self.live_channel(number)
         try:
-            feed_wav(channel.session, path, max_seconds=self.client.model_info().max_audio_prompt_seconds)
+            feed_wav(channel.session, path, max_seconds=self.client.model_info().max_audio_prompt_seconds, at=at)
         except (OSError, ValueError) as error:
             raise OscError("1", f"cannot read {path}: {error}") from None
 
-    def pause(self, number: int, sender, args: list) -> None:
-        self.live_channel(number).session.pause()
+    def pause(self, number: int, sender, args: list, at: At | None = None) -> None:
+        self.live_channel(number).session.pause(at)
 
     def resume(self, number: int, sender, args: list) -> None:
         self.live_channel(number).session.resume()
 
-    def stop(self, number: int, sender, args: list) -> None:
-        self.live_channel(number).session.stop()
+    def stop(self, number: int, sender, args: list, at: At | None = None) -> None:
+        self.live_channel(number).session.stop(at)
+
+    def at(self, number: int, sender, args: list) -> None:
+        """`at <when> [value] <command> args...`: the command lands then (see protos/README.md)."""
+        kind = _string(args, 0, "when")
+        if kind not in ("sample", "frame", "bar", "beat", "next_bar", "next_beat"):
+            raise OscError("1", f"when must be sample, frame, bar, beat, next_bar or next_beat, got {kind!r}")
+        position = 1
+        value = 0
+        if kind in ("sample", "frame", "bar", "beat"):
+            number_arg = _number(args, 1, kind)
+            if number_arg < 0 or number_arg != int(number_arg):
+                raise OscError("2", f"{kind} must be a whole number >= 0, got {number_arg:g}")
+            value, position = int(number_arg), 2
+        name = _string(args, position, "command")
+        if name not in SCHEDULABLE:
+            raise OscError(str(position + 1), f"{name!r} cannot be scheduled; one of {', '.join(SCHEDULABLE)}")
+        when = At(kind, value)
+        channel = self.live_channel(number)
+        with channel.tempo_lock:
+            if kind in ("bar", "beat", "next_bar", "next_beat"):
+                self.bars_ready(channel)
+            self.check_not_generated(channel, when)
+            try:
+                COMMANDS[name](self, number, sender, args[position + 1:], at=when)
+            except OscError as problem:  # number the command's arguments as they are in this message
+                argument = str(int(problem.argument) + position + 1) if problem.argument.isdigit() else ""
+                raise OscError(argument, str(problem)) from None
+
+    def tempo(self, number: int, sender, args: list) -> None:
+        """`tempo <bpm> [beats per bar]`: the session's tempo (bar 0 at its first sample); with --link, a tempo
+        proposed to the whole Link session, which every session then follows."""
+        bpm = _number(args, 0, "bpm")
+        if not 20 <= bpm <= 999:  # Link's own range
+            raise OscError("1", f"bpm must be in [20, 999], got {bpm:g}")
+        beats_per_bar = int(_number(args, 1, "beats per bar")) if len(args) > 1 else None
+        if beats_per_bar is not None and not 1 <= beats_per_bar <= 64:
+            raise OscError("2", f"beats per bar must be 1-64, got {beats_per_bar}")
+        if len(args) > 2:
+            raise OscError("3", "tempo takes at most two arguments: bpm, beats per bar")
+        channel = self.live_channel(number)
+        if self.link is not None:
+            if beats_per_bar not in (None, self.link.quantum):
+                raise OscError("2", f"with --link a bar is the quantum, {self.link.quantum} beats")
+            self.link.set_tempo(bpm)
+            with channel.tempo_lock:
+                self.follow_link(channel)
+            return
+        channel.session.set_tempo(bpm, beats_per_bar or 4)
+        self.send(channel.reply_to, f"{PREFIX}/{number}/tempo", bpm, beats_per_bar or 4, 0)
+
+    # -- bars and beats ---------------------------------------------------------------------------------------
+
+    def bars_ready(self, channel: Channel) -> None:
+        """Bars need a tempo; with --link, bar lines known on Link's (playback started) and just re-anchored."""
+        if self.link is None:
+            if channel.session.tempo is None:
+                raise OscError("1", f"bars and beats need a tempo: send {PREFIX}/{channel.number}/tempo first "
+                                    "(or run the bridge with --link)")
+            return
+        deadline = time.monotonic() + ANCHOR_WAIT_SECONDS
+        while not self.follow_link(channel, force=True):
+            if time.monotonic() > deadline or not channel.live:
+                raise OscError("1", "with --link, bars are known once playback starts; it has not")
+            time.sleep(LINK_POLL_SECONDS)
+
+    def check_not_generated(self, channel: Channel, when: At) -> None:
+        """A fixed time the server has already generated would end the session: refused here instead."""
+        session, started = channel.session, channel.session.started
+        sample = (when.value * started.samples_per_frame if when.kind == "frame"
+                  else when.sample_at(session.tempo, started.sample_rate))
+        horizon = session.samples_received + started.latency_samples + started.chunk_samples
+        if sample is not None and sample < horizon:
+            raise OscError("2", f"sample {sample} is already generated or about to be (received "
+                                f"{session.samples_received}); too late")
+
+    def follow_link(self, channel: Channel, force: bool = False) -> bool:
+        """Send the session Link's tempo and bar phase at the speaker when they changed (or always, `force`);
+        False while the bar lines are unknown (not playing yet). Caller holds channel.tempo_lock."""
+        started = channel.session.started
+        rate = started.sample_rate
+        new = anchor(self.link, channel.player, rate, started.samples_per_frame)
+        if new is None:
+            return False
+        if force or moved(channel.anchor, new, rate):
+            channel.session.set_tempo(new.bpm, new.beats_per_bar, new.beat_one_sample)
+            if channel.anchor is None or channel.anchor.bpm != new.bpm:
+                self.send(channel.reply_to, f"{PREFIX}/{channel.number}/tempo", new.bpm, new.beats_per_bar,
+                          new.beat_one_sample)
+            channel.anchor = new
+        return True
+
+    def report_landings(self, channel: Channel) -> None:
+        """--link: once a change's first sample has been heard, how far from Link's bar (and beat) it was."""
+        played = channel.player.samples_played
+        for landing in [item for item in channel.landings if item[1] < played]:
+            channel.landings.remove(landing)
+            what, sample = landing
+            heard = channel.player.heard_at(sample)
+            if heard is None or channel.anchor is None:
+                continue
+            rate, bpm = channel.session.started.sample_rate, channel.anchor.bpm
+            self.send(channel.reply_to, f"{PREFIX}/{channel.number}/landed", what, sample,
+                      self.link.link_micros(heard), float(self.link.beat_at(heard)),
+                      float(bar_error_samples(self.link, heard, bpm, rate, self.link.quantum)),
+                      float(bar_error_samples(self.link, heard, bpm, rate, 1)))
 
     def device(self, number: int, sender, args: list) -> None:
         name = _string(args, 0, "device")
@@ -238,6 +375,9 @@ class OscBridge:
         """Called on the channel's player thread for every session event."""
         base = f"{PREFIX}/{channel.number}"
         if isinstance(event, Notice):
+            if self.link is not None and event.kind in (NoticeKind.PROMPT_APPLIED, NoticeKind.PAUSED,
+                                                        NoticeKind.AUDIO_APPENDED, NoticeKind.TRANSITION_ENDED):
+                channel.landings.append((event.kind.value, event.sample))
             if event.kind is NoticeKind.PROMPT_APPLIED:
                 self.send(channel.reply_to, f"{base}/applied", event.prompt_revision, event.frame, event.sample)
             elif event.kind is NoticeKind.TRANSITION_ENDED:
@@ -248,18 +388,31 @@ class OscBridge:
             self.send(channel.reply_to, f"{base}/finished", event.reason.value, event.total_samples, event.message)
 
     def report_position(self, channel: Channel) -> None:
-        """Every position_interval while the session lives: samples played, buffered seconds, underruns."""
+        """Every position_interval while the session lives: samples played, buffered seconds, underruns; with
+        --link, every LINK_POLL_SECONDS: Link's tempo and phase followed, landings reported."""
+        tick = min(self.position_interval, LINK_POLL_SECONDS) if self.link is not None else self.position_interval
+        next_position = time.monotonic() + self.position_interval
+        while not self.closing.wait(tick) and channel.live:
+            if self.link is not None:
+                with channel.tempo_lock:
+                    self.follow_link(channel)
+                self.report_landings(channel)
+            if time.monotonic() < next_position:
+                continue
+            next_position += self.position_interval
+            self.report_position_once(channel)
+
+    def report_position_once(self, channel: Channel) -> None:
         base = f"{PREFIX}/{channel.number}"
-        while not self.closing.wait(self.position_interval) and channel.live:
-            player = channel.player
-            buffered = getattr(player, "buffered_seconds", None)
-            if buffered is None:
-                buffered = player.stats.buffered_seconds
-            underruns = player.underruns
-            self.send(channel.reply_to, f"{base}/position", int(player.samples_played), float(buffered), underruns)
-            if underruns > channel.underruns_reported:
-                channel.underruns_reported = underruns
-                self.send(channel.reply_to, f"{base}/underruns", underruns)
+        player = channel.player
+        buffered = getattr(player, "buffered_seconds", None)
+        if buffered is None:
+            buffered = player.stats.buffered_seconds
+        underruns = player.underruns
+        self.send(channel.reply_to, f"{base}/position", int(player.samples_played), float(buffered), underruns)
+        if underruns > channel.underruns_reported:
+            channel.underruns_reported = underruns
+            self.send(channel.reply_to, f"{base}/underruns", underruns)
 
     def close(self) -> None:
         self.closing.set()
@@ -267,11 +420,14 @@ class OscBridge:
             if channel.player is not None:
                 channel.player.close()
         self.reply.close()
+        if self.link is not None:
+            self.link.close()
 
 
 COMMANDS = {"start": OscBridge.start, "prompt": OscBridge.prompt, "weights": OscBridge.weights,
             "morph": OscBridge.morph, "append": OscBridge.append, "pause": OscBridge.pause,
-            "resume": OscBridge.resume, "stop": OscBridge.stop, "device": OscBridge.device}
+            "resume": OscBridge.resume, "stop": OscBridge.stop, "device": OscBridge.device, "at": OscBridge.at,
+            "tempo": OscBridge.tempo}
 
 
 # -- argument checks (OSC arguments are numbered from 1 in replies) -------------------------------------------
@@ -367,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-playback", action="store_true", help="play nothing; pace sessions by the clock")
     parser.add_argument("--lead", type=float, default=0.0, help="seconds the server may run ahead (default 2)")
     parser.add_argument("--position-interval", type=float, default=0.5, help="seconds between /position replies")
+    parser.add_argument("--link", action="store_true", help="join the Ableton Link session: sessions take its "
+                                                                "tempo and bar lines (needs LinkPython-extern)")
+    parser.add_argument("--quantum", type=int, default=4, help="--link: beats to a bar (Link's quantum; default 4)")
+    parser.add_argument("--link-bpm", type=float, default=120.0,
+                        help="--link: the tempo to offer while no other peer has one (default 120)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -381,11 +542,22 @@ def main(argv: list[str] | None = None) -> int:
         print("musicgen-osc: needs python-osc: pip install python-osc (or the project's [client] extra)",
               file=sys.stderr)
         return 2
+    if not 1 <= args.quantum <= 64:
+        print(f"musicgen-osc: --quantum must be 1-64, got {args.quantum}", file=sys.stderr)
+        return 2
+    link = None
+    if args.link:
+        try:
+            link = LinkClock(args.link_bpm, args.quantum)
+        except LinkUnavailable as error:
+            print(f"musicgen-osc: {error}", file=sys.stderr)
+            return 2
     client = MusicGenClient(args.server, token=args.token)
     bridge = OscBridge(client, playback=not args.no_playback, device=args.device, reply_port=args.reply_port,
-                       position_interval=args.position_interval, lead_seconds=args.lead)
+                       position_interval=args.position_interval, lead_seconds=args.lead, link=link)
     server = OscServer((args.osc_host, args.osc_port), bridge)
-    log.info("event=listening osc=%s:%d server=%s", args.osc_host, server.server_address[1], args.server)
+    log.info("event=listening osc=%s:%d server=%s link=%s", args.osc_host, server.server_address[1], args.server,
+             f"{link.tempo:g}bpm/{link.quantum}" if link else "off")
     print(f"musicgen-osc: listening on {args.osc_host}:{server.server_address[1]}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:

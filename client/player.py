@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from .devices import AudioUnavailable, Device, find_device, sounddevice, support
 from .events import AudioChunk, Event, Notice, NoticeKind, Retracted, Started
 from .ring import RingBuffer
 from .wavfile import WavWriter
+
+
+CLOCK_WINDOW_SECONDS = 1.0  # heard_at: the callbacks the device clock is estimated from
+CLOCK_PERCENTILE = 0.9  # ... and which of their bounds (see heard_at)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class Player:
         self.startup_frames = 0
         self.device_underflows = 0
         self._playing = False  # False: waiting for the fill (at the start and after an underrun)
+        # (first device frame, frames, time.monotonic() it reaches the listener) of recent callbacks' audio:
+        # where output samples fall in time, for landing changes on a clock outside (Ableton Link)
+        self._heard: deque[tuple[int, int, float]] = deque(maxlen=512)
         self._drained = False
         # network-thread-owned flags
         self._eof = False
@@ -250,7 +258,50 @@ class Player:
         seconds = self.ring.available / self.device_rate + self.device_latency
         return OutputLatency(seconds, round(seconds * self.stream_rate))
 
+    def heard_at(self, sample: int) -> float | None:
+        """The time.monotonic() at which stream sample `sample` reaches the listener (None before playback).
+
+        A callback runs at the latest when its block is due minus the output latency, earlier when the host
+        fills its buffer in a burst (at start, after an underrun); so each block's DAC time minus its frames
+        bounds the device clock from below. The clock is taken as a high percentile of those bounds over the
+        second of blocks up to the sample's (not the maximum: one callback the scheduler ran late must not move
+        it): time = offset + frame / device rate. A sample not yet played is extrapolated from the newest."""
+        frame = (sample - self.first_sample) * self.device_rate / self.stream_rate
+        offset = self._clock_offset(frame)
+        return None if offset is None else offset + frame / self.device_rate
+
+    def sample_heard_at(self, when: float) -> float | None:
+        """The stream sample (fractional) the listener hears at time.monotonic() `when`, from the newest blocks
+        (as if no underrun comes between). None before playback starts."""
+        offset = self._clock_offset(float("inf"))
+        if offset is None:
+            return None
+        return self.first_sample + (when - offset) * self.stream_rate
+
+    def _clock_offset(self, up_to_frame: float) -> float | None:
+        """The CLOCK_PERCENTILE of (DAC time - first frame / rate) over the CLOCK_WINDOW_SECONDS of blocks
+        ending with the last one starting at or before `up_to_frame`."""
+        blocks = [block for block in list(self._heard) if block[0] <= up_to_frame]
+        if not blocks:
+            return None
+        newest = blocks[-1][2]
+        bounds = sorted(at - first / self.device_rate for first, _, at in blocks
+                        if at >= newest - CLOCK_WINDOW_SECONDS)
+        return bounds[min(len(bounds) - 1, int(CLOCK_PERCENTILE * len(bounds)))]
+
     # -- the audio callback (PortAudio's thread) -----------------------------------------------------------
+
+    def _dac_delay(self, time_info) -> float:
+        """Seconds from this callback to its first frame being heard: PortAudio's outputBufferDacTime -
+        currentTime where the host gives it, else the stream's reported output latency."""
+        try:
+            delay = time_info.outputBufferDacTime - time_info.currentTime
+        except AttributeError:
+            delay = 0.0
+        if not 0.0 < delay < 2.0:  # 0 or nonsense: hosts that do not fill it in
+            delay = self.device_latency
+        return delay
+
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info, status) -> None:
         if status and getattr(status, "output_underflow", False):
@@ -269,6 +320,8 @@ class Player:
                     self.underrun_frames += frames
                 return
         copied = ring.read_into(outdata, frames)
+        if copied:
+            self._heard.append((self.frames_played, copied, time.monotonic() + self._dac_delay(time_info)))
         self.frames_played += copied
         if copied < frames:
             outdata[copied:].fill(0)

@@ -64,7 +64,7 @@ class Bridge:
             self.seen.append((message.address, list(message.params)))
             if message.address == address:
                 return list(message.params)
-        raise AssertionError(f"no {address} reply; seen {[a for a, _ in self.seen][-10:]}")
+        raise AssertionError(f"no {address} reply; seen {self.seen[-6:]}")
 
     def close(self) -> str:
         self.process.terminate()
