@@ -18,6 +18,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py ttfa     --model /tmp/mg-small   # time to first audio through the engine: int8 vs int4
     python bench/bench_ab.py f32      --model /tmp/mg-small   # a float32 step per linear form, and its floor
     python bench/bench_ab.py prompts  --model /tmp/mg-small   # a step with 1-4 weighted prompts (int8, int4)
+    python bench/bench_ab.py codec    --model /tmp/mg-small   # the streaming codec alone, between steps, offline
 """
 
 from __future__ import annotations
@@ -473,15 +474,94 @@ def prompts(args) -> None:
                 + f"  (+{(medians[4] - medians[1]) / 3:.1f} ms per extra prompt)", flush=True)
 
 
+def codec(args) -> None:
+    """The streaming codec per frame at --chunk frames, alone and as in the server (each chunk decoded after that
+    many int4 decoder steps, which evict the codec's weights from the caches), against an offline decode of the
+    same frames; medians of the blocks, taken in turn. Run it with GOMP_SPINCOUNT=10000 (the server's policy,
+    musicgen_core/threads.py): this script imports torch first."""
+    import musicgen_core.streaming_codec as streaming
+    from musicgen_core import MusicGen
+    from musicgen_core.threads import pooled_step
+
+    model = MusicGen.from_pretrained(args.model, quantize="int4")
+    conditioning = model.encode_text(["warm lofi beat"])[0]
+    frames = 20 * args.chunk
+    codes = torch.randint(0, model.config.decoder.vocab_size, (1, model.config.decoder.num_codebooks, frames))
+    results: dict[str, list[float]] = {"alone": [], "between steps": [], "offline": []}
+    with torch.no_grad():
+        model.codec.decode(codes)  # warm: the first decode allocates
+        for _ in range(args.blocks):
+            for name in ("alone", "between steps"):
+                state, spent = streaming.init_decoder_state(model.codec), 0.0
+                states = [model.start_sequence(conditioning, model.default_sampling(), total_frames=frames + 10)]
+                for start in range(0, frames, args.chunk):
+                    if name == "between steps":
+                        with pooled_step():
+                            for _ in range(args.chunk):
+                                model.step(states)
+                    started = time.perf_counter()
+                    streaming.decode_step(model.codec, state, codes[..., start: start + args.chunk])
+                    spent += time.perf_counter() - started
+                results[name].append(1000 * spent / frames)
+            started = time.perf_counter()
+            model.codec.decode(codes)
+            results["offline"].append(1000 * (time.perf_counter() - started) / frames)
+    offline_ms = statistics.median(results["offline"])
+    for name, values in results.items():
+        print(f"{name:14s} {statistics.median(values):5.2f} ms/frame ({statistics.median(values) / offline_ms:4.2f}x "
+              f"offline)  blocks {[round(v, 2) for v in values]}")
+    _codec_layers(model.codec, codes, args.chunk)
+
+
+def _codec_layers(codec_model, codes, chunk: int) -> None:
+    """Where the time goes: ms per frame in each kind of top-level decoder layer, streamed (alone) and offline."""
+    from collections import Counter
+
+    import musicgen_core.streaming_codec as streaming
+
+    frames = codes.shape[-1]
+    streamed, offline = Counter(), Counter()
+    step, depth = streaming._step, [0]
+
+    def timed(layer, state, x):  # top-level layers only (a residual block's inner layers count in the block)
+        depth[0] += 1
+        started = time.perf_counter()
+        try:
+            return step(layer, state, x)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                streamed[type(layer).__name__] += time.perf_counter() - started
+
+    streaming._step = timed
+    try:
+        with torch.no_grad():
+            state = streaming.init_decoder_state(codec_model)
+            for start in range(0, frames, chunk):
+                streaming.decode_step(codec_model, state, codes[..., start: start + chunk])
+            x = codec_model.quantizer.decode(codes)
+            for layer in codec_model.decoder.layers:
+                started = time.perf_counter()
+                x = layer(x)
+                x = x[0] if isinstance(x, tuple) else x  # the LSTM returns its state too
+                offline[type(layer).__name__] += time.perf_counter() - started
+    finally:
+        streaming._step = step
+    for name in sorted(offline, key=offline.get, reverse=True):
+        print(f"  {name:16s} streamed {1000 * streamed[name] / frames:5.2f}  offline "
+              f"{1000 * offline[name] / frames:5.2f} ms/frame")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
                                          "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa", "f32",
-                                         "prompts"])
+                                         "prompts", "codec"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=600, help="pool, prompts: frames of context")
+    parser.add_argument("--chunk", type=int, default=5, help="codec: frames per chunk (the server's default 5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "threads":
