@@ -413,11 +413,10 @@ def _command(line: str, session: LiveSession, client: MusicGenClient, info, prog
         started = session.started
         sample = (at.value * started.samples_per_frame if at.kind == "frame"
                   else at.sample_at(session.tempo, session.sample_rate))
-        # the server generates ahead of what it sent by up to its latency and a chunk: too close is too late
-        horizon = session.samples_received + started.latency_samples + started.chunk_samples
+        horizon = session.earliest_schedulable_sample()
         if sample is not None and sample < horizon:  # the server would end the session
-            progress.message(f"at: sample {round(sample)} is already generated or about to be (received "
-                             f"{session.samples_received}); too late")
+            progress.message(f"at: sample {round(sample)} may already be generated (the earliest safe now is "
+                             f"{horizon}); too late")
             return info
         return _command(rest, session, client, info, progress, at)
     if line in (":pause", ":p"):

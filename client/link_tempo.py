@@ -6,7 +6,7 @@ same tempo and beat timeline; its clock is CLOCK_MONOTONIC_RAW, so times are con
 `beat_one_sample`, the output sample of a bar line); `LinkedTempo` sets them so that the session's bar lines are
 heard on Link's bar lines, using the player's own report of when each output sample reaches the listener
 (`heard_at` / `sample_heard_at`: its DAC times, output latency included). Then the server's "next bar" lands on
-Link's next bar at the speaker, within one frame (a change can only happen between frames).
+Link's next bar at the speaker, within half a frame (a change can only happen between frames).
 """
 
 from __future__ import annotations
@@ -105,12 +105,17 @@ class Anchor:
     beat_one_sample: int
 
 
-def anchor(link: LinkClock, player: HeardClock, sample_rate: int, frame_samples: int = 0) -> Anchor | None:
-    """The session tempo whose bar lines the listener hears on Link's bar lines (None before playback): the
-    output sample heard at Link's next bar, reduced to the first bar of the session. The server lands a change
-    on the first frame at or after a bar line; set half a frame (`frame_samples` / 2) early, that is the frame
-    nearest Link's bar, so a landing is off by at most half a frame either way instead of up to a whole one
-    late."""
+def anchor(link: LinkClock, player: HeardClock, sample_rate: int, frame_samples: int = 0,
+           previous: Anchor | None = None) -> Anchor | None:
+    """The session tempo whose bar lines the listener hears on Link's bar lines (None before playback).
+
+    A bar line at Link's next bar, as an output sample, set half a frame (`frame_samples` / 2) early: the server
+    lands a change on the first frame at or after a bar line, so that is the frame nearest Link's bar, off by
+    at most half a frame either way instead of up to a whole one late. Bars keep their numbers across
+    re-anchoring: the new bar line gets the number it had under `previous` (so a drift correction or a tempo
+    change does not move `bar N` by a bar). The first anchor (or one that would put bar 0 before the output's
+    first sample: a much slower tempo) makes bar 0 the first Link bar line at least half a bar into the output,
+    so that drift corrections, which move it by samples either way, never push it below sample 0."""
     now = time.monotonic()
     heard_now = player.sample_heard_at(now)
     if heard_now is None:
@@ -118,7 +123,14 @@ def anchor(link: LinkClock, player: HeardClock, sample_rate: int, frame_samples:
     bar_time, bpm = link.next_bar_at(now)
     bar_samples = link.quantum * 60.0 * sample_rate / bpm
     sample_on_bar = heard_now + (bar_time - now) * sample_rate - frame_samples / 2
-    return Anchor(bpm, link.quantum, round(sample_on_bar % bar_samples) % round(bar_samples))
+    if previous is not None:
+        old_bar = previous.beats_per_bar * 60.0 * sample_rate / previous.bpm
+        number = round((sample_on_bar - previous.beat_one_sample) / old_bar)
+        beat_one = round(sample_on_bar - number * bar_samples)
+        if beat_one >= 0:
+            return Anchor(bpm, link.quantum, beat_one)
+    beat_one = sample_on_bar % bar_samples
+    return Anchor(bpm, link.quantum, round(beat_one + bar_samples if beat_one < bar_samples / 2 else beat_one))
 
 
 def moved(old: Anchor | None, new: Anchor, sample_rate: int) -> bool:

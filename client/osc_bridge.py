@@ -45,6 +45,7 @@ MAX_CHANNELS = 16
 LINK_POLL_SECONDS = 0.05  # how often a Link tempo or phase change is looked for
 ANCHOR_WAIT_SECONDS = 3.0  # a bar-scheduled command waits this long for playback to start (bar lines unknown)
 SCHEDULABLE = ("prompt", "weights", "morph", "append", "pause", "stop")
+MAX_SCHEDULED = 64  # the server's limit of commands waiting for their frame (it ends the session past it)
 
 
 class OscError(ValueError):
@@ -67,6 +68,7 @@ class Channel:
     anchor: Anchor | None = None  # the tempo last sent with --link
     tempo_lock: threading.Lock = field(default_factory=threading.Lock)
     landings: list[tuple[str, int]] = field(default_factory=list)  # (notice, sample) not yet heard (--link)
+    scheduled: list[int] = field(default_factory=list)  # per command sent with `at`: the sample it has landed by
 
     @property
     def live(self) -> bool:
@@ -176,6 +178,8 @@ class OscBridge:
             command = COMMANDS.get(parts[3])
             if command is None:
                 raise OscError("", f"unknown command {parts[3]!r}; one of {', '.join(sorted(COMMANDS))}")
+            if command is OscBridge.at and self.link is not None:
+                self.wait_for_playback(channel)  # outside the lock: other channels go on meanwhile
             with self.lock:
                 command(self, channel, sender, list(args))
         except OscError as problem:
@@ -201,6 +205,8 @@ class OscBridge:
         old = self.channels.get(number)
         if old is not None and old.live:
             raise OscError("", f"channel {number} is already playing; send {PREFIX}/{number}/stop first")
+        if old is not None and old.player is not None:
+            old.player.close()  # the last session's player (its stream) goes with it
         channel = Channel(number, self.reply_address(sender), device=old.device if old else self.default_device)
         tempo = Tempo(self.link.tempo, self.link.quantum) if self.link else None  # phase set once it plays
         session = self.client.open_session(prompt, max_lead_seconds=self.lead_seconds, client_name="musicgen-osc",
@@ -277,12 +283,13 @@ class OscBridge:
         with channel.tempo_lock:
             if kind in ("bar", "beat", "next_bar", "next_beat"):
                 self.bars_ready(channel)
-            self.check_not_generated(channel, when)
+            landed_by = self.check_schedulable(channel, when)
             try:
                 COMMANDS[name](self, number, sender, args[position + 1:], at=when)
             except OscError as problem:  # number the command's arguments as they are in this message
                 argument = str(int(problem.argument) + position + 1) if problem.argument.isdigit() else ""
                 raise OscError(argument, str(problem)) from None
+            channel.scheduled.append(landed_by)
 
     def tempo(self, number: int, sender, args: list) -> None:
         """`tempo <bpm> [beats per bar]`: the session's tempo (bar 0 at its first sample); with --link, a tempo
@@ -290,9 +297,11 @@ class OscBridge:
         bpm = _number(args, 0, "bpm")
         if not 20 <= bpm <= 999:  # Link's own range
             raise OscError("1", f"bpm must be in [20, 999], got {bpm:g}")
-        beats_per_bar = int(_number(args, 1, "beats per bar")) if len(args) > 1 else None
-        if beats_per_bar is not None and not 1 <= beats_per_bar <= 64:
-            raise OscError("2", f"beats per bar must be 1-64, got {beats_per_bar}")
+        beats_per_bar = _number(args, 1, "beats per bar") if len(args) > 1 else None
+        if beats_per_bar is not None:
+            if beats_per_bar != int(beats_per_bar) or not 1 <= beats_per_bar <= 64:
+                raise OscError("2", f"beats per bar must be a whole number 1-64, got {beats_per_bar:g}")
+            beats_per_bar = int(beats_per_bar)
         if len(args) > 2:
             raise OscError("3", "tempo takes at most two arguments: bpm, beats per bar")
         channel = self.live_channel(number)
@@ -315,28 +324,48 @@ class OscBridge:
                 raise OscError("1", f"bars and beats need a tempo: send {PREFIX}/{channel.number}/tempo first "
                                     "(or run the bridge with --link)")
             return
+        if not self.follow_link(channel, force=True):
+            raise OscError("1", "with --link, bars are known once playback starts; it has not")
+
+    def wait_for_playback(self, number: int) -> None:
+        """--link: a bar-scheduled command sent right after start waits (up to ANCHOR_WAIT_SECONDS) for the
+        channel's playback to begin, when the bar lines at the speaker become known."""
         deadline = time.monotonic() + ANCHOR_WAIT_SECONDS
-        while not self.follow_link(channel, force=True):
-            if time.monotonic() > deadline or not channel.live:
-                raise OscError("1", "with --link, bars are known once playback starts; it has not")
+        while time.monotonic() < deadline:
+            channel = self.channels.get(number)
+            player = channel.player if channel is not None and channel.live else None
+            if player is None or player.sample_heard_at(time.monotonic()) is not None:
+                return
             time.sleep(LINK_POLL_SECONDS)
 
-    def check_not_generated(self, channel: Channel, when: At) -> None:
-        """A fixed time the server has already generated would end the session: refused here instead."""
+    def check_schedulable(self, channel: Channel, when: At) -> int:
+        """What the server would end the session for, refused here: a fixed time it may already have generated,
+        or more than MAX_SCHEDULED commands waiting. Returns the output sample by which the command has surely
+        landed (for the count of those waiting)."""
         session, started = channel.session, channel.session.started
         sample = (when.value * started.samples_per_frame if when.kind == "frame"
                   else when.sample_at(session.tempo, started.sample_rate))
-        horizon = session.samples_received + started.latency_samples + started.chunk_samples
+        horizon = session.earliest_schedulable_sample()
         if sample is not None and sample < horizon:
-            raise OscError("2", f"sample {sample} is already generated or about to be (received "
-                                f"{session.samples_received}); too late")
+            raise OscError("2", f"sample {round(sample)} may already be generated (the earliest safe now is "
+                                f"{horizon}); too late")
+        received = session.samples_received
+        channel.scheduled = [until for until in channel.scheduled if until > received]
+        if len(channel.scheduled) >= MAX_SCHEDULED:
+            raise OscError("", f"{MAX_SCHEDULED} scheduled commands are still waiting on channel "
+                               f"{channel.number}; wait for one to land")
+        if sample is None:  # next bar / beat: the first one after what the server has generated when it arrives
+            tempo = session.tempo
+            unit = tempo.beats_per_bar if when.kind == "next_bar" else 1
+            sample = horizon + unit * 60.0 * started.sample_rate / tempo.bpm
+        return math.ceil(sample) + started.latency_samples + started.chunk_samples
 
     def follow_link(self, channel: Channel, force: bool = False) -> bool:
         """Send the session Link's tempo and bar phase at the speaker when they changed (or always, `force`);
         False while the bar lines are unknown (not playing yet). Caller holds channel.tempo_lock."""
         started = channel.session.started
         rate = started.sample_rate
-        new = anchor(self.link, channel.player, rate, started.samples_per_frame)
+        new = anchor(self.link, channel.player, rate, started.samples_per_frame, channel.anchor)
         if new is None:
             return False
         if force or moved(channel.anchor, new, rate):
@@ -350,10 +379,15 @@ class OscBridge:
     def report_landings(self, channel: Channel) -> None:
         """--link: once a change's first sample has been heard, how far from Link's bar (and beat) it was."""
         played = channel.player.samples_played
-        for landing in [item for item in channel.landings if item[1] < played]:
+        for landing in [item for item in channel.landings if item[1] < played
+                        or (item[0] == NoticeKind.PAUSED.value and item[1] <= played)]:
             channel.landings.remove(landing)
             what, sample = landing
-            heard = channel.player.heard_at(sample)
+            if what == NoticeKind.PAUSED.value:  # playback stops at it: when the sample before it ends
+                before = channel.player.heard_at(sample - 1)
+                heard = None if before is None else before + 1.0 / channel.session.started.sample_rate
+            else:
+                heard = channel.player.heard_at(sample)
             if heard is None or channel.anchor is None:
                 continue
             rate, bpm = channel.session.started.sample_rate, channel.anchor.bpm

@@ -116,6 +116,17 @@ class SessionControl(EventTracker):
         self.tempo = rq.Tempo(bpm, beats_per_bar, beat_one_sample)
         self._send(pb.SessionRequest(set_tempo=self.tempo.to_pb()))
 
+    def earliest_schedulable_sample(self) -> int:
+        """The first output sample a scheduled command (`at=`) can name that the server cannot have generated
+        yet (an earlier one ends the session with FAILED_PRECONDITION). Paced, a bound: the server sends at most
+        its lead past the acks, holds up to a chunk more than it sent and generates its latency beyond that.
+        Unpaced, an estimate: what arrived plus the latency, two chunks and a second of generation."""
+        started = self.started
+        slack = started.latency_samples + 2 * started.chunk_samples + started.samples_per_frame
+        if started.unpaced:
+            return self.samples_received + slack + started.sample_rate
+        return self.samples_acked + round(started.max_lead_seconds * started.sample_rate) + slack
+
     def _track(self, event: Event) -> None:
         self.track(event)
         if isinstance(event, AudioChunk) and self.has_every_frame(event):

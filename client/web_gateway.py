@@ -101,9 +101,9 @@ def parse_command(text: str) -> Command:
     kind = message.get("type")
     if kind == "start":
         return Start(_prompts(message), _number(message, "lead_seconds", 0.0))
-    if kind == "prompt":
-        return SetPrompts(_prompts(message), _number(message, "transition_seconds", 0.0),
-                          _number(message, "rollback_seconds", 0.0))
+    if kind == "prompt":  # the server's ranges: a value outside them would end the session
+        return SetPrompts(_prompts(message), _number(message, "transition_seconds", 0.0, most=600.0),
+                          _number(message, "rollback_seconds", 0.0, most=10.0))
     if kind == "ack":
         played = message.get("samples_played")
         if isinstance(played, bool) or not isinstance(played, int) or played < 0:
@@ -117,10 +117,12 @@ def parse_command(text: str) -> Command:
 SIMPLE_COMMANDS = {"pause": Pause, "resume": Resume, "stop": Stop}
 
 
-def _number(message: dict, name: str, default: float) -> float:
+def _number(message: dict, name: str, default: float, most: float = math.inf) -> float:
     value = message.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise BadMessage(f"{message['type']}.{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= most:
+        bound = f"in [0, {most:g}]" if math.isfinite(most) else ">= 0"
+        raise BadMessage(f"{message['type']}.{name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -291,7 +293,7 @@ class PageConnection:
                      session.samples_acked)
 
     async def close_session(self) -> None:
-        if self.session is not None and self.live:
+        if self.session is not None:  # always (idempotent): a pump that ended on a send error left it open
             await asyncio.to_thread(self.session.close)
         if self.pump is not None:
             await self.pump
@@ -343,10 +345,17 @@ def build_app(client: MusicGenClient) -> web.Application:
 
 def _check_origin(request: web.Request) -> None:
     """Only this gateway's own page may open a session: a page from any other site the user visits could
-    otherwise reach ws://127.0.0.1 (WebSockets are not bound by the same-origin policy)."""
+    otherwise reach ws://127.0.0.1 (WebSockets are not bound by the same-origin policy). The Host must name
+    this gateway's address or a loopback name too: a site that rebinds its own name to 127.0.0.1 would send
+    matching Origin and Host headers."""
     origin = request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc != request.host:
         raise web.HTTPForbidden(text=f"WebSocket from origin {origin} refused; open http://{request.host}/")
+    host = urlsplit(f"//{request.host}").hostname or ""
+    served = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if host not in ("localhost", "127.0.0.1", "::1") and (served is None or host != served[0]):
+        raise web.HTTPForbidden(text=f"WebSocket for host {request.host} refused: open the page by this "
+                                     "gateway's address or localhost")
 
 
 async def serve(client: MusicGenClient, host: str, port: int) -> None:

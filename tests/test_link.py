@@ -227,3 +227,75 @@ def test_one_callback_the_scheduler_ran_late_does_not_move_the_players_clock():
         time.sleep(max(0.0, due - time.monotonic()))
         player._callback(out, 320, None, None)
     assert player.heard_at(39 * 320) == pytest.approx(start + 0.390, abs=0.008)
+
+
+class HeardClockAt:
+    """A player whose sample n reaches the listener at `start + delay + n / rate` (delay: its output latency)."""
+
+    def __init__(self, start: float, delay: float):
+        self.start, self.delay = start, delay
+
+    def sample_heard_at(self, when: float) -> float:
+        return (when - self.start - self.delay) * RATE
+
+
+class LinkBarsAt:
+    """Link's bar lines every `bar` seconds from `first` (time.monotonic()), at `bpm`, a quantum of 4."""
+
+    quantum = 4
+
+    def __init__(self, first: float, bpm: float):
+        self.first, self.bpm = first, bpm
+
+    def next_bar_at(self, when: float) -> tuple[float, float]:
+        bar = 4 * 60.0 / self.bpm
+        return self.first + -(-(when - self.first) // bar) * bar, self.bpm
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.25])
+def test_anchor_puts_the_sessions_bars_where_the_player_says_links_bars_are_heard(delay):
+    from client.link_tempo import anchor
+
+    start = time.monotonic() - 3.0
+    link = LinkBarsAt(first=start + 0.7, bpm=120.0)  # a bar is 2 s = 64000 samples
+    result = anchor(link, HeardClockAt(start, delay), RATE, FRAME)
+    # Link's bar at start + 0.7 + 2k s is heard as sample (0.7 + 2k - delay) * RATE; half a frame early
+    expected = ((0.7 - delay) * RATE - FRAME / 2) % 64000
+    expected += 64000 if expected < 32000 else 0  # bar 0 at least half a bar into the output
+    assert (result.bpm, result.beats_per_bar) == (120.0, 4)
+    assert result.beat_one_sample == pytest.approx(expected, abs=1)
+
+
+def test_re_anchoring_keeps_bar_numbers_through_drift_and_a_tempo_change():
+    from client.link_tempo import anchor
+
+    start = time.monotonic() - 30.0
+    link = LinkBarsAt(first=start + 0.7, bpm=120.0)
+    first = anchor(link, HeardClockAt(start, 0.0), RATE, FRAME)
+    drifted = anchor(link, HeardClockAt(start, 0.002), RATE, FRAME, previous=first)  # heard 2 ms later
+    assert drifted.beat_one_sample == first.beat_one_sample - 64  # bar N moves by 64 samples, not by a bar
+    faster = LinkBarsAt(first=start + 0.7, bpm=150.0)
+    retimed = anchor(faster, HeardClockAt(start, 0.0), RATE, FRAME, previous=first)
+    now_bar = faster.next_bar_at(time.monotonic())[0]
+    sample = (now_bar - start) * RATE - FRAME / 2  # the next bar line keeps the number it had before
+    old_number = round((sample - first.beat_one_sample) / 64000)
+    assert round((sample - retimed.beat_one_sample) / 51200) == old_number and retimed.beat_one_sample >= 0
+
+
+def test_the_bridge_refuses_a_65th_waiting_command_instead_of_letting_the_server_end_the_session(mono_server):
+    bridge = Bridge(mono_server, "--no-playback")
+    try:
+        bridge.send("/musicgen/0/start", "warm lofi beat")
+        bridge.wait_for("/musicgen/0/started")
+        bridge.send("/musicgen/0/tempo", 120.0)
+        bridge.wait_for("/musicgen/0/tempo")
+        for index in range(70):  # bars 50-119: minutes away, all waiting on the server
+            bridge.send("/musicgen/0/at", "bar", 50 + index, "prompt", f"part {index}")
+        bridge.send("/musicgen/0/prompt", "dark techno")  # the session still steers
+        bridge.wait_for("/musicgen/0/applied")
+        bridge.wait_for("/musicgen/0/position")  # (UDP messages are handled on threads: any order)
+        errors = [args for address, args in bridge.seen if address == "/musicgen/error"]
+        assert len(errors) == 6 and all("64 scheduled commands are still waiting" in e[2] for e in errors)
+    finally:
+        stderr = bridge.close()
+    assert not [args for address, args in bridge.seen if address == "/musicgen/0/finished"], stderr

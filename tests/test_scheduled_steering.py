@@ -118,3 +118,29 @@ def test_a_transition_in_beats_lasts_that_many_beats_of_the_tempo(mono_server):
     applied = notices(result, pb.NOTICE_KIND_PROMPT_APPLIED)
     assert applied == [25]  # bar 1 of the tempo
     assert notices(result, pb.NOTICE_KIND_TRANSITION_ENDED) == [25 + 20 - 1]  # 4 beats of 5 frames
+
+
+def test_a_time_at_the_clients_earliest_schedulable_sample_never_ends_the_session(mono_server):
+    """LiveSession.earliest_schedulable_sample bounds what the server may have generated: commands aimed at it,
+    again and again while the session runs paced by a clock, are all taken (none is 'already generated')."""
+    import threading
+    import time
+
+    from client import MusicGenClient
+    from client.requests import At
+
+    with MusicGenClient(mono_server.address) as client:
+        session = client.open_session("warm lofi beat", max_lead_seconds=0.5)
+        rate, started_at = session.started.sample_rate, time.monotonic()
+        reader = threading.Thread(target=lambda: [None for _ in session], daemon=True)
+        reader.start()
+        sent = 0
+        while time.monotonic() - started_at < 5.0 and session.finished is None:
+            session.ack(min(session.samples_received, round((time.monotonic() - started_at) * rate)))
+            session.set_prompt(f"take {sent}", at=At.sample(session.earliest_schedulable_sample()))
+            sent += 1
+            time.sleep(0.013)
+        finished = session.finished
+        session.close()
+    assert finished is None, finished.message
+    assert sent > 100

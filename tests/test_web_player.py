@@ -189,6 +189,9 @@ def test_bad_messages_get_an_error_and_the_gateway_keeps_running(gateway, mono_s
         async with aiohttp.ClientSession() as http:
             refused = await http.get(f"{gateway.url}ws", headers={"Origin": "http://elsewhere.example"})
             assert refused.status == 403  # another site's page cannot open sessions through the gateway
+            rebound = await http.get(f"{gateway.url}ws", headers={"Host": "attacker.example:8080",
+                                                                   "Origin": "http://attacker.example:8080"})
+            assert rebound.status == 403  # nor one whose name was rebound to 127.0.0.1
 
             socket = await http.ws_connect(f"{gateway.url}ws")
             hello = await next_json(socket)
@@ -225,6 +228,9 @@ def test_bad_messages_get_an_error_and_the_gateway_keeps_running(gateway, mono_s
             assert start_sample + samples == chunk["end_sample"] and channels == started["channels"]
             await socket.send_str('{"type": "start", "prompts": [{"text": "again"}]}')
             assert "already playing" in (await anext_error(socket))["message"]
+            for field, value in (("transition_seconds", 601), ("rollback_seconds", 11)):  # the server's ranges
+                await socket.send_str(json.dumps({"type": "prompt", "prompts": [{"text": "x"}], field: value}))
+                assert f"prompt.{field} must be a finite number in [0, " in (await anext_error(socket))["message"]
             await socket.close()  # closing the page's socket closes its session
 
     async def anext_error(socket) -> dict:
