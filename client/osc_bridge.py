@@ -76,7 +76,9 @@ class Channel:
 
 
 class ClockPlayer:
-    """--no-playback: reads the session and acks by the wall clock, as a device would consume it."""
+    """--no-playback: a virtual device that consumes the session at the wall clock's rate and acks it. Like a
+    sound card's player it stops when it runs dry (counted as an underrun unless the session is paused) and goes
+    on from where it was when audio comes again, so a stall never lets the server run unpaced afterwards."""
 
     ack_interval = 0.02
 
@@ -84,7 +86,13 @@ class ClockPlayer:
         self.session, self.on_event = session, on_event
         self.samples_received = 0
         self.underruns = 0
-        self._started = time.monotonic()
+        self._rate = session.started.sample_rate
+        self._played = 0.0
+        self._dry = False
+        self._paused = bool(session.started.paused)
+        self._last = time.monotonic()
+        self._sample_zero_at = self._last  # when sample 0 would have been heard, on the current run of the clock
+        self._lock = threading.Lock()
         self._closing = threading.Event()
         self._threads = [threading.Thread(target=self._read, daemon=True),
                          threading.Thread(target=self._ack, daemon=True)]
@@ -96,24 +104,43 @@ class ClockPlayer:
 
     @property
     def samples_played(self) -> int:
-        rate = self.session.started.sample_rate
-        return min(self.samples_received, round((time.monotonic() - self._started) * rate))
+        return int(self._advance())
 
     @property
     def buffered_seconds(self) -> float:
-        return (self.samples_received - self.samples_played) / self.session.started.sample_rate
+        return (self.samples_received - self._advance()) / self._rate
 
-    def heard_at(self, sample: int) -> float:
-        """The clock is the 'device': sample n is due at start + n / rate."""
-        return self._started + sample / self.session.started.sample_rate
+    def heard_at(self, sample: int) -> float | None:
+        """Sample n is due when the clock, on its current run, gets to it (None before any audio arrived)."""
+        self._advance()
+        return self._sample_zero_at + sample / self._rate if self.samples_received else None
 
-    def sample_heard_at(self, when: float) -> float:
-        return (when - self._started) * self.session.started.sample_rate
+    def sample_heard_at(self, when: float) -> float | None:
+        self._advance()
+        return (when - self._sample_zero_at) * self._rate if self.samples_received else None
+
+    def _advance(self) -> float:
+        """Move the clock to now: it plays what has arrived and waits at the end of it."""
+        with self._lock:
+            now = time.monotonic()
+            due = self._played + (now - self._last) * self._rate
+            if due > self.samples_received:
+                if not self._dry and not self._paused and self.samples_received > 0:
+                    self.underruns += 1
+                self._dry, due = True, float(self.samples_received)
+            else:
+                self._dry = False
+            self._played, self._last = due, now
+            self._sample_zero_at = now - due / self._rate
+            return due
 
     def _read(self) -> None:
         for event in self.session:
+            self._advance()  # the clock up to now, then the new audio
             if isinstance(event, AudioChunk):
                 self.samples_received = event.end_sample
+            elif isinstance(event, Notice) and event.kind in (NoticeKind.PAUSED, NoticeKind.RESUMED):
+                self._paused = event.kind is NoticeKind.PAUSED
             self.on_event(event)
             if self._closing.is_set():
                 break

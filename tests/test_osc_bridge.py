@@ -169,3 +169,45 @@ def test_liblo_oscsend_drives_the_bridge(mono_server):
         assert bridge.wait_for("/musicgen/2/finished")[0] == "stopped"
     finally:
         bridge.close()
+
+
+def test_no_playback_consumes_like_a_device_that_stops_when_it_runs_dry():
+    """--no-playback's clock plays what has arrived and waits at its end (an underrun), then goes on from there:
+    after a stall it never acks audio faster than real time."""
+    import queue
+    from types import SimpleNamespace
+
+    from client.events import AudioChunk
+    from client.osc_bridge import ClockPlayer
+
+    class FakeSession:
+        started = SimpleNamespace(sample_rate=32000, paused=False)
+        finished = None
+
+        def __init__(self):
+            self.events: queue.Queue = queue.Queue()
+            self.acks: list[int] = []
+
+        def __iter__(self):
+            return iter(self.events.get, None)
+
+        def ack(self, samples: int) -> None:
+            self.acks.append(samples)
+
+        def close(self) -> None:
+            self.events.put(None)
+
+    def chunk(start: int) -> AudioChunk:  # 0.1 s
+        return AudioChunk(0, start, start // 640, 5, np.zeros((3200, 1), np.float32), "", 0, None)
+
+    session = FakeSession()
+    player = ClockPlayer(session, on_event=lambda event: None).start()
+    assert player.sample_heard_at(time.monotonic()) is None  # nothing arrived: not playing yet
+    session.events.put(chunk(0))
+    time.sleep(0.3)  # 0.1 s of audio, then nothing for 0.2 s
+    assert player.samples_played == 3200 and player.underruns == 1
+    session.events.put(chunk(3200))
+    time.sleep(0.05)
+    assert 3200 < player.samples_played <= 3200 + 0.06 * 32000  # on from where it stopped, at the clock's rate
+    player.close()
+    assert max(session.acks) <= 6400
