@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import threading
@@ -22,10 +21,10 @@ import time
 from pathlib import Path
 
 from .audio_in import LiveInput, feed_wav
-from .connection import DEFAULT_TARGET
 from .devices import AudioUnavailable
 from .errors import MusicGenError
 from .events import AudioChunk, Event, Finished, Notice, Retracted, Sampling, Started
+from .program import add_server_arguments
 from .requests import At, Tempo
 from .session import LiveSession, MusicGenClient
 from .wavfile import WavWriter, read_wav
@@ -74,10 +73,7 @@ def describe(event: Notice, started: Started | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--server", default=os.environ.get("MUSICGEN_SERVER", DEFAULT_TARGET),
-                        help=f"HOST:PORT of the server (default $MUSICGEN_SERVER or {DEFAULT_TARGET})")
-    parser.add_argument("--token", default=os.environ.get("MUSICGEN_TOKEN"),
-                        help="bearer token (default $MUSICGEN_TOKEN)")
+    add_server_arguments(parser)
     parser.add_argument("--tls-cert", type=Path, help="PEM root certificate: connect with TLS, trusting it")
     parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
     parser.add_argument("--tls-server-name", help="name expected in the server's certificate")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import signal
 import socket
 import socketserver
@@ -30,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .audio_in import feed_wav
-from .connection import DEFAULT_TARGET
 from .errors import MusicGenError
 from .events import AudioChunk, Event, Finished, Notice, NoticeKind
 from .link_tempo import Anchor, LinkClock, LinkUnavailable, anchor, bar_error_samples, moved
+from .program import add_server_arguments, configure_logging
 from .requests import At, Tempo
 from .session import LiveSession, MusicGenClient
 
@@ -573,9 +572,7 @@ class OscServer(socketserver.ThreadingUDPServer):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicgen-osc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default=os.environ.get("MUSICGEN_SERVER", DEFAULT_TARGET),
-                        help=f"HOST:PORT of the MusicGen server (default $MUSICGEN_SERVER or {DEFAULT_TARGET})")
-    parser.add_argument("--token", default=os.environ.get("MUSICGEN_TOKEN"), help="bearer token")
+    add_server_arguments(parser)
     parser.add_argument("--osc-host", default="127.0.0.1", help="address to listen on (default loopback)")
     parser.add_argument("--osc-port", type=int, default=DEFAULT_OSC_PORT)
     parser.add_argument("--reply-port", type=int, help="send replies to this port of the sender's host "
@@ -595,8 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    configure_logging(args.log_level)
     try:
         import pythonosc  # noqa: F401
     except ImportError:

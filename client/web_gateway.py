@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import signal
 import struct
 import sys
@@ -32,9 +31,9 @@ try:
 except ImportError as missing:  # the [web] extra
     raise ImportError('musicgen-web needs aiohttp: pip install "musicgen-live[web]"') from missing
 
-from .connection import DEFAULT_TARGET
 from .errors import MusicGenError
 from .events import AudioChunk, Event, Finished, Notice, Retracted, Started
+from .program import add_server_arguments, configure_logging
 from .session import LiveSession, MusicGenClient
 
 log = logging.getLogger("musicgen.web")
@@ -379,9 +378,7 @@ async def serve(client: MusicGenClient, host: str, port: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musicgen-web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default=os.environ.get("MUSICGEN_SERVER", DEFAULT_TARGET),
-                        help=f"HOST:PORT of the MusicGen server (default $MUSICGEN_SERVER or {DEFAULT_TARGET})")
-    parser.add_argument("--token", default=os.environ.get("MUSICGEN_TOKEN"), help="bearer token")
+    add_server_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve the page on (default loopback; AudioWorklet needs a secure "
                              "context: loopback or https)")
@@ -392,8 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    configure_logging(args.log_level)
     client = MusicGenClient(args.server, token=args.token)
     try:
         asyncio.run(serve(client, args.host, args.port))
