@@ -131,6 +131,7 @@ class Player:
         # (first device frame, frames, time.monotonic() it reaches the listener) of recent callbacks' audio:
         # where output samples fall in time, for landing changes on a clock outside (Ableton Link)
         self._heard: deque[tuple[int, int, float]] = deque(maxlen=512)
+        self._fallback_delay: float | None = None  # the stream's output latency, for hosts without DAC times
         self._drained = False
         # network-thread-owned flags
         self._eof = False
@@ -299,7 +300,9 @@ class Player:
         except AttributeError:
             delay = 0.0
         if not 0.0 < delay < 2.0:  # 0 or nonsense: hosts that do not fill it in
-            delay = self.device_latency
+            if self._fallback_delay is None:  # asked of PortAudio once, not in every callback
+                self._fallback_delay = self.device_latency
+            delay = self._fallback_delay
         return delay
 
 
