@@ -75,6 +75,14 @@ def wait_for_tempo(bridge: Bridge, bpm: float, timeout: float = 15.0) -> list:
             return reply
 
 
+def start_at_tempo(bridge: Bridge, bpm: float) -> None:
+    """Channel 0 playing with a tempo sent over OSC (bar 0 at its first sample)."""
+    bridge.send("/musicgen/0/start", "warm lofi beat")
+    bridge.wait_for("/musicgen/0/started")
+    bridge.send("/musicgen/0/tempo", bpm)
+    bridge.wait_for("/musicgen/0/tempo")
+
+
 def test_a_session_takes_the_tempo_a_link_peer_sets(mono_server, peer):
     bridge = Bridge(mono_server, "--no-playback", "--link", "--link-bpm", "100")
     try:
@@ -162,10 +170,7 @@ def test_without_link_bars_follow_the_tempo_sent_over_osc(mono_server):
 def test_bad_scheduling_messages_get_an_error_and_the_session_plays_on(mono_server):
     bridge = Bridge(mono_server, "--no-playback")
     try:
-        bridge.send("/musicgen/0/start", "warm lofi beat")
-        bridge.wait_for("/musicgen/0/started")
-        bridge.send("/musicgen/0/tempo", 120.0)
-        bridge.wait_for("/musicgen/0/tempo")
+        start_at_tempo(bridge, 120.0)
         cases = [(("soon", "prompt", "x"), "1"),  # not a time
                  (("bar", -1.0, "prompt", "x"), "2"),
                  (("bar", 1.5, "prompt", "x"), "2"),
@@ -295,10 +300,7 @@ def test_re_anchoring_keeps_bar_numbers_through_drift_and_a_tempo_change():
 def test_the_bridge_refuses_a_65th_waiting_command_instead_of_letting_the_server_end_the_session(mono_server):
     bridge = Bridge(mono_server, "--no-playback")
     try:
-        bridge.send("/musicgen/0/start", "warm lofi beat")
-        bridge.wait_for("/musicgen/0/started")
-        bridge.send("/musicgen/0/tempo", 120.0)
-        bridge.wait_for("/musicgen/0/tempo")
+        start_at_tempo(bridge, 120.0)
         for index in range(70):  # bars 50-119: minutes away, all waiting on the server
             bridge.send("/musicgen/0/at", "bar", 50 + index, "prompt", f"part {index}")
         bridge.send("/musicgen/0/prompt", "dark techno")  # the session still steers

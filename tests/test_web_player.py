@@ -75,6 +75,16 @@ def browser(tmp_path):
     driver.quit()
 
 
+def set_weights(browser, *weights: float) -> None:
+    """Move the page's weight sliders as a user would (each fires its input event)."""
+    browser.execute_script("""
+        arguments[0].forEach((value, index) => {
+          const slider = document.getElementById(`weight-${index}`);
+          slider.value = String(value);
+          slider.dispatchEvent(new Event("input"));
+        });""", list(weights))
+
+
 def wait_for(read, timeout: float = 30.0, what: str = "condition"):
     """Poll `read()` until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
@@ -117,12 +127,7 @@ def test_the_page_plays_a_session_paced_by_its_acks_and_shows_a_prompt_change(ga
 
     # A weighted prompt change: the page shows it once audio made under it plays.
     browser.find_element(By.ID, "prompt-1").send_keys("dark techno")
-    browser.execute_script("""
-        for (const [id, value] of [["weight-0", "0.75"], ["weight-1", "0.25"]]) {
-          const slider = document.getElementById(id);
-          slider.value = value;
-          slider.dispatchEvent(new Event("input"));
-        }""")
+    set_weights(browser, 0.75, 0.25)
     browser.find_element(By.ID, "apply").click()
     wait_for(lambda: state()["playingRevision"] == 1, 20, "revision 1 to play")
     changed = state()
@@ -134,12 +139,7 @@ def test_the_page_plays_a_session_paced_by_its_acks_and_shows_a_prompt_change(ga
 
     # Instant steering: the server takes back what the page buffered; the worklet drops it and plays on.
     browser.find_element(By.ID, "instant").click()
-    browser.execute_script("""
-        for (const [id, value] of [["weight-0", "0.25"], ["weight-1", "0.75"]]) {
-          const slider = document.getElementById(id);
-          slider.value = value;
-          slider.dispatchEvent(new Event("input"));
-        }""")
+    set_weights(browser, 0.25, 0.75)
     browser.find_element(By.ID, "apply").click()
     wait_for(lambda: state()["playingRevision"] == 2, 20, "revision 2 to play")
     instant = state()
