@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 try:
     from aiohttp import WSCloseCode, WSMsgType, web
-except ImportError as missing:  # the [web] extra
+except ImportError as missing:  # the [client] (or [web]) extra
     raise ImportError('musicgen-web needs aiohttp: pip install "musicgen-live[web]"') from missing
 
 from .errors import MusicGenError
