@@ -3,7 +3,7 @@
     python bench/bench_fidelity.py --model /tmp/mg-small --frames 100
 
 1. fp32 generates `frames` greedy frames (guidance 3) for a few prompts.
-2. Each fast path (bfloat16 weights, int8 weights, int4 weights per group size, bf16 / int8 KV caches) is
+2. Each fast path (bfloat16 weights through the C++ step or torch's bfloat16 layers, int8 weights, int4 weights per group size, bf16 / int8 KV caches) is
    teacher-forced on exactly those codes; per decoder step and
    codebook we compare its guided next-token distribution with fp32's: top-1 agreement and KL(fp32 || fast).
 3. Each fast path also generates greedily on its own; the SNR of its decoded audio against fp32's audio says
@@ -64,7 +64,9 @@ def main() -> None:
     params = reference.default_sampling(greedy=True, guidance_scale=3.0)
     generated = reference.generate(PROMPTS, frames=args.frames, params=params)
     ref_logits = [teacher_forced_guided_logits(reference, t, generated.codes[i]) for i, t in enumerate(PROMPTS)]
-    paths = {"bfloat16": dict(dtype=torch.bfloat16), "kv-bf16": dict(kv_dtype=torch.bfloat16),
+    # bfloat16: the C++ step (float32 activations, bfloat16 weights); bfloat16-torch: torch's bfloat16 layers
+    paths = {"bfloat16": dict(dtype=torch.bfloat16), "bfloat16-torch": dict(dtype=torch.bfloat16, torch_layers=True),
+             "kv-bf16": dict(kv_dtype=torch.bfloat16),
              "int8": dict(quantize="int8", kv_dtype=torch.float32), "int8+kv-bf16": dict(quantize="int8"),
              "int8+kv-int8": dict(quantize="int8", kv_dtype=torch.int8),
              "int8-fbgemm": dict(quantize="int8-fbgemm", kv_dtype=torch.float32),
@@ -78,7 +80,11 @@ def main() -> None:
         paths = {name: paths[name] for name in args.paths}
     print(f"{'path':13s} {'top-1 agreement':>16s} {'KL (nats)':>10s} {'free-running SNR (dB)':>22s}")
     for name, options in paths.items():
+        options = dict(options)
+        torch_layers = options.pop("torch_layers", False)
         fast = MusicGen.from_pretrained(args.model, **options)
+        if torch_layers:
+            fast.decoder.layer_steps = fast.decoder.float_kernel = None
         agree, kl = zip(*[compare(ref_logits[i], teacher_forced_guided_logits(fast, t, generated.codes[i]))
                           for i, t in enumerate(PROMPTS)])
         free = fast.generate(PROMPTS, frames=args.frames, params=params)

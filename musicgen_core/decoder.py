@@ -175,10 +175,11 @@ class MusicgenDecoder(nn.Module):
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
         self.positions: torch.Tensor | None = None  # built by `prepare` once the weights are in place
         self.kv_dtype: torch.dtype | None = None  # self-attention cache dtype; None: the norms' (weights') dtype
-        self.layer_steps: list | None = None  # C++ one-column layers when every linear is int8 (quantize.py)
+        self.layer_steps = None  # the kernel's C++ one-column step (use_kernel_layers), or None
+        self.float_kernel = None  # the kernel, when layer_steps runs a float decoder's linears (float32 / bfloat16)
         # With our kernel's layers, attention (a step's in C++ and in Python, and a prefill's) is the kernel's
         # attend_one instead of scaled_dot_product_attention: query by query, so a prefill in chunks, in one go
-        # or column by column gives the same bits (quantize.build_layer_steps).
+        # or column by column gives the same bits (use_kernel_layers).
         self.one_query_attention = None
         self.layer_norm_op = None  # with our kernel's layers: its layer norm, the C++ step's arithmetic
         self.kv_quantizer = None  # with our kernel's layers: its per-vector int8 quantizer, for an int8 cache
@@ -213,6 +214,59 @@ class MusicgenDecoder(nn.Module):
             if isinstance(module, FastLinear):
                 module.transposed_rows, module.kernel_rows = transposed_rows, kernel_rows
                 module.kernel = kernel if kernel_rows else None
+
+    def use_kernel_layers(self, kernel, python_layers: bool = True) -> None:
+        """Step one column through the kernel's C++ `DecoderStack` (`layer_steps`): the layers' ~40 small
+        operations between linears are plain loops there instead of ATen calls (~200 us a layer on the 2-core
+        Xeon). The stack holds the layers' current tensors and flags: call again after changing a layer (or set
+        `layer_steps = None` to step through Python). A head_dim the kernel's attention does not vectorize (not
+        a multiple of 8, or over 128) keeps the Python layers.
+
+        Quantized decoders (python_layers): the Python layers (a prefill) also take the kernel's attention,
+        layer norm and int8 cache quantizer, so that a prefill and a step compute the same bits. A float decoder
+        (float32 or bfloat16 weights, `use_float_kernel_layers`) keeps torch in its Python layers and agrees
+        with them to float rounding; its step keeps float32 activations, bfloat16 weights widened as read."""
+        if python_layers:
+            self.one_query_attention = kernel.attend_one
+            self.layer_norm_op = kernel.layer_norm
+            self.kv_quantizer = kernel.quantize_kv
+        head_dim = self.config.head_dim
+        if head_dim % 8 or head_dim > 128:
+            self.layer_steps = None
+            return
+        float_weights = -1  # DecoderLayerStep::kFloatWeights
+        empty = torch.empty(0)
+        steps = []
+        for layer in self.layers:
+            norms = [layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm]
+            linears = [layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
+                       layer.encoder_attn.out_proj, layer.fc1, layer.fc2]
+            tensors, groups = [], []
+            for linear_layer in linears:
+                if isinstance(linear_layer, FastLinear):
+                    tensors += [linear_layer.weight, empty, empty]
+                    groups.append(float_weights)
+                else:  # our int8 (group 0) or int4 layers
+                    tensors += [linear_layer.packed, linear_layer.rowsum, linear_layer.scale]
+                    groups.append(getattr(linear_layer, "group", 0))
+            steps.append(kernel.DecoderLayerStep(
+                # the parameters themselves, not views: a later `param.data = ...` (the copy out of the
+                # checkpoint's memory map after quantizing) must reach the stack too
+                [t for norm in norms for t in (norm.weight, norm.bias)], [norm.eps for norm in norms],
+                tensors, [m.in_features for m in linears], [m.out_features for m in linears],
+                [getattr(m, "applies_gelu", False) for m in linears], groups, self.config.num_attention_heads))
+        self.layer_steps = kernel.DecoderStack(steps)
+        self.float_kernel = kernel if float_weights in groups else None
+
+    def use_float_kernel_layers(self, kernel) -> bool:
+        """A float32 or bfloat16 CPU decoder's one-column step through the kernel's C++ layers over its float
+        linear (`linear_f32`), the final layer norm and output heads too. -> whether it took them (not for
+        another dtype or device)."""
+        weight = self.layer_norm.weight
+        if kernel is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        self.use_kernel_layers(kernel, python_layers=False)
+        return self.layer_steps is not None
 
     def fuse_projections(self) -> None:
         """After loading: fuse each self-attention's q/k/v projections (see Attention.fuse_qkv), and the
@@ -294,7 +348,8 @@ class MusicgenDecoder(nn.Module):
         # A step, or a short prefill chunk, runs on the kernel's pool with torch single-threaded: torch's team
         # woke for every small op (100-200 us each for a layer norm or a mask of a 4-column chunk here).
         # So does a float decoder's step whose linears take the kernel's linear_f32 at this row count.
-        pooled = self.layer_steps is not None and all(t.shape[1] <= POOLED_COLUMNS for t in tokens)
+        most_columns = POOLED_COLUMNS if self.float_kernel is None else 1  # a float prefill runs torch's team
+        pooled = self.layer_steps is not None and all(t.shape[1] <= most_columns for t in tokens)
         if not pooled and self.kernel_rows:
             pooled = sum(c.rows for c in caches) * tokens[0].shape[1] in self.kernel_rows
         with _attention_backends(self.layer_norm.weight.device), \
@@ -313,6 +368,11 @@ class MusicgenDecoder(nn.Module):
             bounds.append(bounds[-1] + r)
         if time == 1 and self.layer_steps is not None:
             x = self._fused_layers(x, bounds, caches, crosses)
+            if self.float_kernel is not None:
+                for cache in caches:
+                    cache.length += time
+                logits = self._kernel_heads(x)
+                return [logits[bounds[i]: bounds[i + 1]] for i in range(len(caches))]
         else:
             for index, layer in enumerate(self.layers):
                 x = self._layer(layer, index, x, bounds, caches, crosses, time)
@@ -355,11 +415,20 @@ class MusicgenDecoder(nn.Module):
             if cache.length + 1 > cache.capacity:
                 raise ValueError(f"KV cache full: {cache.length + 1} positions > capacity {cache.capacity}")
         empty = x.new_empty(0)
-        return self.layer_steps.step(x, bounds, [c.keys for c in caches], [c.values for c in caches],
+        return self.layer_steps.step(x.float(), bounds, [c.keys for c in caches], [c.values for c in caches],
                                      [empty if c.key_scales is None else c.key_scales for c in caches],
                                      [empty if c.value_scales is None else c.value_scales for c in caches],
                                      [c.length for c in caches], [kv.keys for kv in crosses],
                                      [kv.values for kv in crosses], [kv.mask for kv in crosses])
+
+    def _kernel_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """A float stack's float32 output (rows, 1, width) -> logits (rows, codebooks, 1, vocab): the final layer
+        norm in float32 and the output heads through the kernel's linear (on its pool: torch runs single-threaded
+        during the step)."""
+        norm = self.layer_norm
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        logits = self.float_kernel.linear_f32(x, self.lm_head.weight)
+        return logits.view(x.shape[0], 1, self.config.num_codebooks, self.config.vocab_size).transpose(1, 2)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         if self.layer_norm_op is not None:

@@ -105,7 +105,9 @@ class MusicGen:
             quantize_decoder(modules.decoder, quantize)
             _copy_out_of_the_checkpoint(modules)
         elif torch.device(device).type == "cpu" and config.decoder.ffn_dim >= 1024:
-            modules.decoder.choose_linear_forms()
+            from .int8_kernel import load_int8_kernel
+            modules.decoder.choose_linear_forms()  # a prefill's linears
+            modules.decoder.use_float_kernel_layers(load_int8_kernel())  # a step's: the C++ layers where it loads
         if kv_dtype == torch.int8 and modules.decoder.kv_quantizer is None:
             raise ValueError("an int8 KV cache needs our kernel's decoder (quantize int8 or int4 on a CPU with AVX2)")
         modules.decoder.kv_dtype = kv_dtype or default_kv_dtype(modules.decoder, quantize)

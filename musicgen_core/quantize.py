@@ -73,31 +73,9 @@ def quantize_decoder(decoder: MusicgenDecoder, scheme: str) -> None:
 
 
 def build_layer_steps(decoder: MusicgenDecoder, kernel) -> None:
-    """Give the decoder the kernel's C++ `DecoderStack` for one-column steps (decoder._fused_layers), and the
-    kernel's attention and layer norm for its Python layers, so that a prefill and a step compute alike. The
-    stack holds the layers' current tensors and flags: call again after changing a layer (or set
-    `decoder.layer_steps = None` to step through Python). A head_dim the kernel's attention does not vectorize
-    (not a multiple of 8, or over 128) keeps the Python layers."""
-    decoder.one_query_attention = kernel.attend_one
-    decoder.layer_norm_op = kernel.layer_norm
-    decoder.kv_quantizer = kernel.quantize_kv
-    head_dim = decoder.config.head_dim
-    if head_dim % 8 or head_dim > 128:
-        decoder.layer_steps = None
-        return
-    steps = []
-    for layer in decoder.layers:
-        norms = [layer.self_attn_layer_norm, layer.encoder_attn_layer_norm, layer.final_layer_norm]
-        linears = [layer.self_attn.qkv, layer.self_attn.out_proj, layer.encoder_attn.q_proj,
-                   layer.encoder_attn.out_proj, layer.fc1, layer.fc2]
-        steps.append(kernel.DecoderLayerStep(
-            [t for norm in norms for t in (norm.weight, norm.bias)], [norm.eps for norm in norms],
-            [t for linear in linears for t in (linear.packed, linear.rowsum, linear.scale)],
-            [linear.in_features for linear in linears], [linear.out_features for linear in linears],
-            [linear.applies_gelu for linear in linears],
-            [getattr(linear, "group", 0) for linear in linears],  # 0: int8 weights
-            decoder.config.num_attention_heads))
-    decoder.layer_steps = kernel.DecoderStack(steps)
+    """Give a quantized decoder the kernel's C++ one-column step and its Python layers the kernel's attention,
+    layer norm and int8 cache quantizer (MusicgenDecoder.use_kernel_layers)."""
+    decoder.use_kernel_layers(kernel)
 
 
 def _replace(root: nn.Module, name: str, replacement: nn.Module) -> None:

@@ -177,6 +177,7 @@ def build_config(
     stereo: bool = False,
     text_width: int = 32,
     decoder_width: int = 32,
+    ffn_dim: int = 64,
     max_position_embeddings: int = 256,
     text_vocab_size: int = SPIECE_VOCAB_SIZE + T5_EXTRA_IDS,
     t5_ff: str = "relu",
@@ -226,7 +227,7 @@ def build_config(
         hidden_size=decoder_width,
         num_hidden_layers=2,
         num_attention_heads=4,
-        ffn_dim=64,
+        ffn_dim=ffn_dim,
         max_position_embeddings=max_position_embeddings,
         activation_function="gelu",
         pad_token_id=CODEBOOK_SIZE,
@@ -299,6 +300,7 @@ def make_checkpoint(
     stereo: bool = False,
     text_width: int = 32,
     decoder_width: int = 32,
+    ffn_dim: int = 64,
     weight_norm_names: Literal["parametrizations", "weight_g"] = "parametrizations",
     sharded: bool = False,
     max_position_embeddings: int = 256,
@@ -311,6 +313,8 @@ def make_checkpoint(
 
     ``stereo``: 8 interleaved codebooks (even = left, odd = right), decoder ``audio_channels=2``, mono codec.
     ``decoder_width != text_width`` gives the composite model an ``enc_to_dec_proj``.
+    ``ffn_dim``: the decoder's feed-forward width; from 1024 (the published models' 4096) a float decoder loaded
+    on a CPU steps through the kernel's C++ layers.
     ``weight_norm_names``: ``"parametrizations"`` (what transformers saves today:
     ``X.parametrizations.weight.original0/1``) or ``"weight_g"`` (``X.weight_g`` / ``X.weight_v``, as in the
     published 2023 files). ``sharded``: ``model-0000N-of-0000M.safetensors`` (at least 2) plus
@@ -336,6 +340,7 @@ def make_checkpoint(
         stereo=stereo,
         text_width=text_width,
         decoder_width=decoder_width,
+        ffn_dim=ffn_dim,
         max_position_embeddings=max_position_embeddings,
         text_vocab_size=spiece_vocab_size(spiece) + T5_EXTRA_IDS,
         t5_ff=t5_ff,

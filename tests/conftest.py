@@ -109,5 +109,11 @@ def proj_checkpoint(checkpoint_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_ffn_checkpoint(checkpoint_factory) -> Path:
+    """A feed-forward as wide as a published model's decoder layers take the float kernel (ffn_dim >= 1024)."""
+    return checkpoint_factory("wide_ffn", ffn_dim=1024)
+
+
+@pytest.fixture(scope="session")
 def sharded_checkpoint(checkpoint_factory) -> Path:
     return checkpoint_factory("sharded", sharded=True)

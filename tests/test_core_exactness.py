@@ -94,8 +94,9 @@ def test_decoder_logits_match_teacher_forced_step_by_step(mono):
 
 
 @pytest.mark.parametrize("fixture", ["mono_checkpoint", "stereo_checkpoint", "weight_g_checkpoint",
-                                     "proj_checkpoint", "sharded_checkpoint"],
-                         ids=["mono", "stereo", "weight_g_names", "enc_to_dec_proj", "sharded"])
+                                     "proj_checkpoint", "sharded_checkpoint", "wide_ffn_checkpoint"],
+                         ids=["mono", "stereo", "weight_g_names", "enc_to_dec_proj", "sharded",
+                              "wide_ffn_cpp_float_step"])
 def test_greedy_generation_with_guidance_matches_transformers(fixture, request):
     path = request.getfixturevalue(fixture)
     oracle, tokenizer = load_oracle(path)

@@ -53,6 +53,64 @@ def test_the_kernels_float32_linear_equals_f_linear_to_rounding(isa_kernel, rows
         kernel.linear_f32(x, weight.T)  # not contiguous
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_the_kernels_float_linear_takes_bfloat16_weights_as_their_exact_float32_values(isa_kernel, rows):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 1030, generator=generator)  # 1030: whole blocks of 16 and 32, then a tail
+    weight = torch.randn(300, 1030, generator=generator).to(torch.bfloat16)
+    got = isa_kernel.linear_f32(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (rows, 1, 300)
+    assert torch.allclose(got, F.linear(x, weight.float()), rtol=1e-5, atol=1e-4)
+
+
+def teacher_forced_step_logits(model, steps: int = 6) -> torch.Tensor:
+    """The decoder's logits over `steps` one-column steps of one guided sequence, fed the same seeded random
+    codes whatever the logits (so two paths of one model see the same inputs)."""
+    conditioning = model.encode_text([TEXT])[0]
+    state = model.start_sequence(conditioning, model.default_sampling(greedy=True), total_frames=steps + 6)
+    logits = []
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits.append(model.decoder([state.pending_columns()], [state.cache], [state.cross])[0].float())
+            state.grid.place(torch.randint(0, model.config.decoder.vocab_size, (model.config.decoder.num_codebooks,),
+                                           generator=generator))
+    return torch.cat(logits, dim=2)
+
+
+def python_and_cpp_step_logits(model, kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    model.decoder.layer_steps = model.decoder.float_kernel = None
+    python = teacher_forced_step_logits(model)
+    assert model.decoder.use_float_kernel_layers(kernel)
+    return python, teacher_forced_step_logits(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_float_checkpoint_of_published_width_steps_through_the_cpp_layers(wide_ffn_checkpoint, mono_checkpoint,
+                                                                             dtype):
+    model = MusicGen.from_pretrained(wide_ffn_checkpoint, dtype=dtype)
+    assert model.decoder.layer_steps is not None and model.decoder.float_kernel is not None
+    out = model.generate(TEXT, frames=6)
+    assert out.codes.shape == (1, 4, 6) and torch.isfinite(out.audio).all()
+    small = MusicGen.from_pretrained(mono_checkpoint, dtype=dtype)  # torch's layers, as transformers computes
+    assert small.decoder.layer_steps is None
+
+
+def test_a_float32_decoders_cpp_step_agrees_with_its_python_layers(mono_checkpoint, isa_kernel):
+    python, cpp = python_and_cpp_step_logits(MusicGen.from_pretrained(mono_checkpoint), isa_kernel)
+    assert (python - cpp).abs().max() < 1e-4
+
+
+def test_a_bfloat16_decoders_cpp_step_is_nearer_float32_than_its_python_layers(mono_checkpoint, isa_kernel):
+    """The C++ step keeps float32 activations against bfloat16 weights; torch's bfloat16 layers round every
+    activation to bfloat16. Both differ from float32; the C++ step by less."""
+    reference = teacher_forced_step_logits(MusicGen.from_pretrained(mono_checkpoint))
+    python, cpp = python_and_cpp_step_logits(MusicGen.from_pretrained(mono_checkpoint, dtype=torch.bfloat16),
+                                             isa_kernel)
+    python_error, cpp_error = (python - reference).abs().mean(), (cpp - reference).abs().mean()
+    assert 0 < cpp_error < python_error
+
+
 def test_a_float_decoder_through_the_kernels_linear_steps_like_f_linear(mono_checkpoint):
     from musicgen_core.int8_kernel import load_int8_kernel
 

@@ -1,5 +1,6 @@
 // The decoder's one-column step in C++ (a decode step: one new column per sequence), over the int8 / int4
-// kernels' linears (int8_gemv.cpp, the one translation unit that includes this header and binds it to Python).
+// kernels' linears or the float kernel's (float32 or bfloat16 weights) (int8_gemv.cpp, the one translation unit
+// that includes this header and binds it to Python).
 //
 // Between the linears a layer does little arithmetic (three layer norms, two attentions over one query, three
 // residual adds), and done as ATen operations that glue cost ~200 us a layer on the 2-core Xeon (dispatch,
@@ -9,7 +10,9 @@
 // Bit-identity with the Python layers (MusicgenDecoder._layer, which a prefill runs) holds because both use the
 // same arithmetic: the kernel's `layer_norm` (the Python layers of a quantized decoder call it too), the same
 // linears, `attend_one_head` per (row, head) with the query rounded to the cache's dtype, float adds, and
-// conversions to the cache's dtype by c10's round-to-nearest-even.
+// conversions to the cache's dtype by c10's round-to-nearest-even. A float decoder's step is not held to its
+// Python layers' bits (those run torch's layer norm, sdpa and matmul): it agrees with them to float rounding,
+// and a bfloat16 decoder's step keeps its activations in float32 where the Python layers round them to bfloat16.
 #pragma once
 
 #include <torch/extension.h>
@@ -37,6 +40,8 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum
 // Defined in int4_gemv.h: the same with group-wise int4 weights.
 torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t in_features, int64_t out,
                       int64_t group, bool gelu);
+// Defined in f32_gemv.h: x float32 @ weight.T, the weight float32 or bfloat16.
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight);
 
 // Layer norm of `rows` rows of `width` floats: mean and variance each summed in eight interleaved partial sums
 // combined in a fixed order, then (x - mean) * (1 / sqrt(var + eps)) * w + b. Within float rounding of torch's
@@ -81,13 +86,14 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
   return out;
 }
 
-// One decoder layer's weights and its one-column step over raw memory. Int8 or int4 linears; attention in the
-// kernel's attend_one_head (head_dim a multiple of 8, at most 128: quantize.build_layer_steps checks).
+// One decoder layer's weights and its one-column step over raw memory. Int8, int4 or float linears; attention in
+// the kernel's attend_one_head (head_dim a multiple of 8, at most 128: quantize.build_layer_steps checks).
 class DecoderLayerStep {
  public:
   // norms: (weight, bias) of the self-attention, cross-attention and final layer norms; linears: (packed,
   // rowsum, scale) of qkv, out_proj, cross q_proj, cross out_proj, fc1, fc2, with ins[i], outs[i], gelus[i];
-  // groups[i]: 0 for int8 weights, else the int4 group size (its rowsum is unused).
+  // groups[i]: 0 for int8 weights, kFloatWeights for a float32 or bfloat16 weight (out, in) in place of packed
+  // (rowsum and scale unused), else the int4 group size (its rowsum is unused). Norms of any float dtype.
   DecoderLayerStep(std::vector<torch::Tensor> norms, std::vector<double> eps, std::vector<torch::Tensor> linears,
                    std::vector<int64_t> ins, std::vector<int64_t> outs, std::vector<bool> gelus,
                    std::vector<int64_t> groups, int64_t heads)
@@ -95,7 +101,15 @@ class DecoderLayerStep {
         outs_(std::move(outs)), gelus_(std::move(gelus)), groups_(std::move(groups)), heads_(heads) {
     TORCH_CHECK(norms_.size() == 6 && eps_.size() == 3 && linears_.size() == 18 && ins_.size() == 6 &&
                 outs_.size() == 6 && gelus_.size() == 6 && groups_.size() == 6, "DecoderLayerStep: 3 norms and 6 linears");
-    for (auto& norm : norms_) norm = norm.contiguous();
+    for (auto& norm : norms_) norm = norm.to(torch::kFloat32).contiguous();
+    for (size_t i = 0; i < 6; ++i)
+      if (groups_[i] == kFloatWeights) {
+        const auto& weight = linears_[3 * i];
+        TORCH_CHECK((weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16) &&
+                    weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == outs_[i] &&
+                    weight.size(1) == ins_[i] && !gelus_[i],
+                    "DecoderLayerStep: a float linear is a contiguous float32 or bfloat16 (out, in) weight, no GELU");
+      }
     const int64_t width = ins_[0];
     TORCH_CHECK(heads_ > 0 && width % heads_ == 0 && (width / heads_) % 8 == 0 && width / heads_ <= 128,
                 "DecoderLayerStep: head_dim must be a multiple of 8 and at most 128");
@@ -104,6 +118,7 @@ class DecoderLayerStep {
   // One sequence's state as this layer sees it: its self-attention cache (rows, heads, capacity, head_dim) of
   // this layer with `length` positions filled before the step, and its cross-attention keys / values (rows,
   // heads, text, head_dim) with an additive mask (rows, 1 or heads, 1, text).
+  static constexpr int64_t kFloatWeights = -1;
   enum class Cache { f32, bf16, int8 };
   struct Sequence {
     int64_t row0, rows, length, capacity;
@@ -112,8 +127,9 @@ class DecoderLayerStep {
     Cache cache;
     float* key_scales;  // int8 cache: (rows, heads, capacity) of this layer; else null
     float* value_scales;
-    const float* cross_keys;
-    const float* cross_values;
+    const void* cross_keys;  // float32, or bfloat16 when cross_bf16 (a bfloat16 decoder's)
+    const void* cross_values;
+    bool cross_bf16;
     int64_t text;
     const float* mask;
     int64_t mask_heads;
@@ -215,8 +231,15 @@ class DecoderLayerStep {
           if (cross) {
             const int64_t base = (r * heads_ + head) * s.text * head_dim;
             const float* mask = s.mask ? s.mask + (r * s.mask_heads + (s.mask_heads == 1 ? 0 : head)) * s.text : nullptr;
-            attend_one_head(q, s.cross_keys + base, s.cross_values + base, head_dim, mask, s.text, head_dim, scale, o,
-                            scores);
+            if (s.cross_bf16) {  // a bfloat16 decoder's: the float32 query against the widened keys
+              attend_one_head(q, static_cast<const at::BFloat16*>(s.cross_keys) + base,
+                              static_cast<const at::BFloat16*>(s.cross_values) + base, head_dim, mask, s.text,
+                              head_dim, scale, o, scores);
+            } else {
+              attend_one_head(q, static_cast<const float*>(s.cross_keys) + base,
+                              static_cast<const float*>(s.cross_values) + base, head_dim, mask, s.text, head_dim,
+                              scale, o, scores);
+            }
             continue;
           }
           const int64_t positions = (r * heads_ + head) * s.capacity, base = positions * head_dim;
@@ -246,6 +269,7 @@ class DecoderLayerStep {
   }
 
   torch::Tensor apply(size_t index, const torch::Tensor& input) const {
+    if (groups_[index] == kFloatWeights) return linear_f32(input, linears_[3 * index]);
     if (groups_[index])
       return linear4(input, linears_[3 * index], linears_[3 * index + 2], ins_[index], outs_[index], groups_[index],
                      gelus_[index]);
@@ -273,7 +297,8 @@ class DecoderStack {
   // self-attention cache keys / values (layers, rows_i, heads, capacity, head_dim), contiguous, float32,
   // bfloat16 or int8 (then with key / value scales (layers, rows_i, heads, capacity); else empty tensors),
   // `lengths[i]` positions filled (the new column goes there); its cross-attention keys / values
-  // (layers, rows_i, heads, text, head_dim) float32 and additive mask (rows_i, 1 or heads, 1, text). -> the last
+  // (layers, rows_i, heads, text, head_dim) float32 or bfloat16 and additive mask (rows_i, 1 or heads, 1, text),
+  // any float dtype. -> the last
   // layer's output (rows, 1, width); the caller advances the caches' lengths.
   torch::Tensor step(torch::Tensor x, const std::vector<int64_t>& bounds, const std::vector<torch::Tensor>& keys,
                      const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& key_scales,
@@ -304,15 +329,17 @@ class DecoderStack {
                     "DecoderStack.step: an int8 cache's scales are contiguous float32 (layers, rows, heads, capacity)");
       TORCH_CHECK(lengths[i] + 1 <= k.size(3), "KV cache full: ", lengths[i] + 1, " positions > capacity ", k.size(3));
       TORCH_CHECK(cross_keys[i].is_contiguous() && cross_values[i].is_contiguous() &&
-                  cross_keys[i].scalar_type() == torch::kFloat32 && cross_keys[i].size(1) == k.size(1),
-                  "DecoderStack.step: cross-attention keys / values contiguous float32 (layers, rows, heads, text, d)");
+                  (cross_keys[i].scalar_type() == torch::kFloat32 || cross_keys[i].scalar_type() == torch::kBFloat16) &&
+                  cross_values[i].scalar_type() == cross_keys[i].scalar_type() && cross_keys[i].size(1) == k.size(1),
+                  "DecoderStack.step: cross-attention keys / values contiguous float32 or bfloat16 "
+                  "(layers, rows, heads, text, d)");
       masks[i] = cross_masks[i].to(torch::kFloat32).contiguous();
     }
     std::vector<DecoderLayerStep::Sequence> sequences(count);
     for (size_t layer = 0; layer < layers_.size(); ++layer) {
       for (size_t i = 0; i < count; ++i) {
         const auto &k = keys[i], &ck = cross_keys[i];
-        const int64_t cache_layer = k.stride(0) * k.element_size(), cross_layer = ck.stride(0);
+        const int64_t cache_layer = k.stride(0) * k.element_size(), cross_layer = ck.stride(0) * ck.element_size();
         const bool int8 = k.scalar_type() == torch::kInt8;
         const int64_t scale_layer = int8 ? key_scales[i].stride(0) : 0;
         sequences[i] = {bounds[i], bounds[i + 1] - bounds[i], lengths[i], k.size(3),
@@ -323,8 +350,9 @@ class DecoderStack {
                                                                   : DecoderLayerStep::Cache::f32,
                         int8 ? key_scales[i].data_ptr<float>() + layer * scale_layer : nullptr,
                         int8 ? value_scales[i].data_ptr<float>() + layer * scale_layer : nullptr,
-                        ck.data_ptr<float>() + layer * cross_layer, cross_values[i].data_ptr<float>() + layer * cross_layer,
-                        ck.size(3), masks[i].numel() ? masks[i].data_ptr<float>() : nullptr,
+                        static_cast<const char*>(ck.data_ptr()) + layer * cross_layer,
+                        static_cast<const char*>(cross_values[i].data_ptr()) + layer * cross_layer,
+                        ck.scalar_type() == torch::kBFloat16, ck.size(3), masks[i].numel() ? masks[i].data_ptr<float>() : nullptr,
                         masks[i].dim() == 4 ? masks[i].size(1) : 1};
       }
       x = layers_[layer].step(x, sequences);
