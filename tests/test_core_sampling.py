@@ -51,6 +51,49 @@ def test_sampled_tokens_stay_in_transformers_support(top_k, top_p, temperature):
     assert seen.sum() >= min(support.sum(), 4)
 
 
+def draw_counts(logits: torch.Tensor, params: SamplingParams, draws: int) -> torch.Tensor:
+    from musicgen_core.sampling import choose_tokens
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.zeros(logits.shape[1:])
+    for _ in range(draws):
+        tokens = choose_tokens(logits, params, generator)
+        counts[torch.arange(logits.shape[1]), tokens] += 1
+    return counts
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 1.0), (5, 0.8)], ids=["top_k", "full", "top_k_top_p"])
+def test_draws_follow_the_filtered_softmax(top_k, top_p):
+    """Each kept token comes up as often as its probability says (within 4 standard deviations), whether the
+    draw runs over the top-k only or over the whole vocabulary."""
+    logits = torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(guidance_scale=1.0, top_k=top_k, top_p=top_p)
+    scores = logits[0]
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expected = scores.softmax(dim=-1)
+    draws = 6000
+    frequency = draw_counts(logits, params, draws) / draws
+    tolerance = 4 * (expected * (1 - expected) / draws).sqrt() + 1e-9
+    assert ((frequency - expected).abs() <= tolerance).all()
+
+
+def test_a_token_tied_with_the_kth_stays_in_as_transformers_keeps_it():
+    logits = torch.tensor([[[5.0, 4.0, 3.0, 3.0, -1.0, -2.0]]])
+    counts = draw_counts(logits, SamplingParams(guidance_scale=1.0, top_k=3), 2000)[0]
+    assert counts[2] > 0 and counts[3] > 0 and counts[4:].sum() == 0
+
+
+def test_non_finite_logits_are_refused_not_sampled():
+    from musicgen_core.sampling import choose_tokens
+    logits = torch.randn(1, 2, 16)
+    logits[0, 1, 3] = math.nan
+    for top_k in (5, 0):
+        with pytest.raises(ValueError, match="not finite"):
+            choose_tokens(logits, SamplingParams(guidance_scale=1.0, top_k=top_k), torch.Generator())
+
+
 def test_seed_reproduces_and_different_seeds_differ(mono_checkpoint):
     model = MusicGen.from_pretrained(mono_checkpoint)
     first = model.generate("warm lofi beat", frames=12, params=model.default_sampling(seed=11))
