@@ -145,6 +145,19 @@ def test_clone_continues_independently(codec):
     torch.testing.assert_close(torch.cat([head, tails[0]], dim=-1), offline(codec, codes), atol=1e-5, rtol=0)
 
 
+def test_an_encoder_clone_continues_independently(codec):
+    audio = 0.3 * torch.randn(1, 1, 4000, generator=torch.Generator().manual_seed(4))
+    state = init_encoder_state(codec)
+    head = encode_step(codec, state, audio[..., :1500])
+    twin, diverged = state.clone(), state.clone()
+    encode_step(codec, diverged, torch.randn(1, 1, 900))
+    encode_flush(codec, diverged)
+    tails = [torch.cat([encode_step(codec, s, audio[..., 1500:]), encode_flush(codec, s)], dim=-1)
+             for s in (state, twin)]
+    assert torch.equal(tails[0], tails[1])
+    assert torch.equal(torch.cat([head, tails[0]], dim=-1), codec.encode(audio))
+
+
 def completed_frames(frames: torch.Tensor, delays: list[int]):
     """Replay known frames through a delay grid column by column: yields (frame index, codes (codebooks,)) as
     each completes, as the session gets them from a decoder step."""
