@@ -7,6 +7,7 @@ Parameter names follow transformers' `MusicgenForCausalLM` with the `model.decod
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -258,6 +259,16 @@ class MusicgenDecoder(nn.Module):
         self.layer_steps = kernel.DecoderStack(steps)
         self.float_kernel = kernel if float_weights in groups else None
 
+    def check_cache_for_kernel_layers(self) -> None:
+        """The C++ step reads float32, bfloat16 or int8 caches: with another cache dtype (float16) the decoder
+        steps through its Python layers, and says so."""
+        cache = self.kv_dtype or self.layer_norm.weight.dtype
+        if self.layer_steps is None or cache in (torch.float32, torch.bfloat16, torch.int8):
+            return
+        logging.getLogger(__name__).warning("a %s KV cache: the decoder steps through its Python layers (the C++ "
+                                            "step reads float32, bfloat16 or int8 caches)", cache)
+        self.layer_steps = self.float_kernel = None
+
     def use_float_kernel_layers(self, kernel) -> bool:
         """A float32 or bfloat16 CPU decoder's one-column step through the kernel's C++ layers over its float
         linear (`linear_f32`), the final layer norm and output heads too. -> whether it took them (not for
@@ -348,10 +359,13 @@ class MusicgenDecoder(nn.Module):
         # A step, or a short prefill chunk, runs on the kernel's pool with torch single-threaded: torch's team
         # woke for every small op (100-200 us each for a layer norm or a mask of a 4-column chunk here).
         # So does a float decoder's step whose linears take the kernel's linear_f32 at this row count.
-        most_columns = POOLED_COLUMNS if self.float_kernel is None else 1  # a float prefill runs torch's team
-        pooled = self.layer_steps is not None and all(t.shape[1] <= most_columns for t in tokens)
+        rows = sum(c.rows for c in caches)
+        if self.float_kernel is None:
+            pooled = self.layer_steps is not None and all(t.shape[1] <= POOLED_COLUMNS for t in tokens)
+        else:  # a float prefill, or a step of many rows, runs torch's team
+            pooled = self._takes_cpp_step(tokens[0].shape[1], rows)
         if not pooled and self.kernel_rows:
-            pooled = sum(c.rows for c in caches) * tokens[0].shape[1] in self.kernel_rows
+            pooled = rows * tokens[0].shape[1] in self.kernel_rows
         with _attention_backends(self.layer_norm.weight.device), \
                 pooled_step() if pooled else contextlib.nullcontext():
             return self._forward(tokens, caches, crosses, last_only)
@@ -366,7 +380,7 @@ class MusicgenDecoder(nn.Module):
         bounds = [0]
         for r in rows:
             bounds.append(bounds[-1] + r)
-        if time == 1 and self.layer_steps is not None:
+        if self._takes_cpp_step(time, bounds[-1]):
             x = self._fused_layers(x, bounds, caches, crosses)
             if self.float_kernel is not None:
                 for cache in caches:
@@ -420,6 +434,14 @@ class MusicgenDecoder(nn.Module):
                                      [empty if c.value_scales is None else c.value_scales for c in caches],
                                      [c.length for c in caches], [kv.keys for kv in crosses],
                                      [kv.values for kv in crosses], [kv.mask for kv in crosses])
+
+    def _takes_cpp_step(self, columns: int, rows: int) -> bool:
+        """One column through the C++ layers: always for a quantized decoder; for a float one while its rows
+        fit one pass of `linear_f32` over the weights (FLOAT_STEP_ROWS), past which torch's matmul on its team
+        reads them once for all rows."""
+        if columns != 1 or self.layer_steps is None:
+            return False
+        return self.float_kernel is None or rows <= FLOAT_STEP_ROWS
 
     def _kernel_heads(self, x: torch.Tensor) -> torch.Tensor:
         """A float stack's float32 output (rows, 1, width) -> logits (rows, codebooks, 1, vocab): the final layer
@@ -503,6 +525,7 @@ class MusicgenDecoder(nn.Module):
 
 
 POOLED_COLUMNS = 16  # new columns per sequence up to which a quantized forward runs on the kernel's pool
+FLOAT_STEP_ROWS = 4  # rows linear_f32 computes in one pass over the weights (f32_gemv.h's row groups)
 
 
 def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -76,7 +76,7 @@ def load_int8_kernel(isa: str | None = None):
         module = _import_or_build(CFLAGS)
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, and say so
         _failure = f"building {SOURCE.name} failed: {str(error).strip().splitlines()[-1] if str(error) else error!r}"
-        log.warning("int8 kernel unavailable (%s); using fbgemm", _failure)
+        log.warning("our kernel is unavailable (%s): int8 uses fbgemm, float decoders step through torch", _failure)
         return None
     if module.isa() != isa:
         _failure = f"the compiler built the {module.isa()} kernel where this CPU has {isa}"

@@ -111,6 +111,7 @@ class MusicGen:
         if kv_dtype == torch.int8 and modules.decoder.kv_quantizer is None:
             raise ValueError("an int8 KV cache needs our kernel's decoder (quantize int8 or int4 on a CPU with AVX2)")
         modules.decoder.kv_dtype = kv_dtype or default_kv_dtype(modules.decoder, quantize)
+        modules.decoder.check_cache_for_kernel_layers()
         if cuda_graphs is None:
             cuda_graphs = torch.device(device).type == "cuda"
         if cuda_graphs and torch.device(device).type != "cuda":

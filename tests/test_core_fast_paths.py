@@ -96,6 +96,42 @@ def test_a_float_checkpoint_of_published_width_steps_through_the_cpp_layers(wide
     assert small.decoder.layer_steps is None
 
 
+@pytest.mark.parametrize("options", [{"dtype": torch.float32}, {"dtype": torch.bfloat16}, {"quantize": "int8"}],
+                         ids=["float32", "bfloat16", "int8"])
+def test_a_float16_cache_steps_through_the_python_layers(wide_ffn_checkpoint, options):
+    """The C++ step reads float32, bfloat16 or int8 caches; another cache dtype takes the Python layers."""
+    model = MusicGen.from_pretrained(wide_ffn_checkpoint, kv_dtype=torch.float16, **options)
+    assert model.decoder.layer_steps is None
+    out = model.generate(TEXT, frames=5)
+    assert out.codes.shape == (1, 4, 5) and torch.isfinite(out.audio).all()
+
+
+def test_a_float_step_of_two_sessions_agrees_with_the_python_layers(wide_ffn_checkpoint):
+    """Two guided sessions (4 rows, one pass of the float kernel) through the C++ step, and three (6 rows,
+    past one pass: torch's layers), give the Python layers' logits to float rounding."""
+    model = MusicGen.from_pretrained(wide_ffn_checkpoint)
+    params = model.default_sampling(greedy=True)
+    texts = [TEXT, "dark techno", "ambient pads"]
+    for sessions in (2, 3):
+        results = []
+        for cpp in (False, True):
+            saved = model.decoder.layer_steps, model.decoder.float_kernel
+            if not cpp:
+                model.decoder.layer_steps = model.decoder.float_kernel = None
+            states = [model.start_sequence(c, params, total_frames=12) for c in model.encode_text(texts[:sessions])]
+            logits = []
+            with torch.inference_mode():
+                for _ in range(4):
+                    step = model.decoder([s.pending_columns() for s in states], [s.cache for s in states],
+                                         [s.cross for s in states])
+                    logits.append(torch.cat(step))
+                    for state, value in zip(states, step):
+                        state.grid.place(value[0, :, -1].argmax(-1))
+            model.decoder.layer_steps, model.decoder.float_kernel = saved
+            results.append(torch.cat(logits, dim=2))
+        assert (results[0] - results[1]).abs().max() < 1e-4
+
+
 def test_a_float32_decoders_cpp_step_agrees_with_its_python_layers(mono_checkpoint, isa_kernel):
     python, cpp = python_and_cpp_step_logits(MusicGen.from_pretrained(mono_checkpoint), isa_kernel)
     assert (python - cpp).abs().max() < 1e-4

@@ -87,7 +87,7 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight, co
 }
 
 // One decoder layer's weights and its one-column step over raw memory. Int8, int4 or float linears; attention in
-// the kernel's attend_one_head (head_dim a multiple of 8, at most 128: quantize.build_layer_steps checks).
+// the kernel's attend_one_head (head_dim a multiple of 8, at most 128: MusicgenDecoder.use_kernel_layers checks).
 class DecoderLayerStep {
  public:
   // norms: (weight, bias) of the self-attention, cross-attention and final layer norms; linears: (packed,
@@ -210,7 +210,8 @@ class DecoderLayerStep {
     const int64_t unit_bytes = g_attention_chunk_bytes;
     for (const auto& s : sequences) {
       const int64_t keys = cross ? s.text : s.length + 1;
-      const int64_t element = cross || s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
+      const int64_t element = cross ? (s.cross_bf16 ? 2 : 4)
+                                    : s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
       const int64_t bytes = 2 * s.rows * heads_ * keys * head_dim * element;
       const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, s.rows * heads_);
       const int64_t row_step = chunks >= s.rows ? 1 : s.rows;  // rows first, then heads within a row
