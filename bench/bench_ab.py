@@ -19,6 +19,7 @@ one process (or, for threads, in fresh processes) so both see the same machine s
     python bench/bench_ab.py f32      --model /tmp/mg-small   # a float32 step per linear form, and its floor
     python bench/bench_ab.py prompts  --model /tmp/mg-small   # a step with 1-4 weighted prompts (int8, int4)
     python bench/bench_ab.py codec    --model /tmp/mg-small   # the streaming codec alone, between steps, offline
+    python bench/bench_ab.py linears                            # each weight format's linears against a read
 """
 
 from __future__ import annotations
@@ -552,11 +553,52 @@ def _codec_layers(codec_model, codes, chunk: int) -> None:
               f"{1000 * offline[name] / frames:5.2f} ms/frame")
 
 
+def linears(args) -> None:
+    """80 distinct musicgen-small-sized weights (40 of 4096x1024, 40 of 1024x4096) at 2 rows, as a step reads
+    them, in each format through the kernel (float32 and bfloat16 in `linear_f32`, int8, int4-g64), against
+    `stream_read` of the same bytes; blocks alternate formats, on the pool as in a step. The linears' time
+    includes 80 calls from Python (~10-20 us each), which weighs most on the smallest formats."""
+    from musicgen_core.int8_kernel import Int4Linear, Int8Linear, load_int8_kernel
+    from musicgen_core.threads import pooled_step
+
+    kernel = load_int8_kernel()
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4096, 1024)] * 40 + [(1024, 4096)] * 40
+    base = [torch.randn(*shape, generator=generator) * 0.02 for shape in shapes]
+    inputs = {n: torch.randn(2, 1, n, generator=generator) for n in (1024, 4096)}
+    formats = {
+        "float32": ([(w, None) for w in base], lambda w, _: kernel.linear_f32(inputs[w.shape[1]], w)),
+        "bfloat16": ([(w.to(torch.bfloat16), None) for w in base],
+                     lambda w, _: kernel.linear_f32(inputs[w.shape[1]], w)),
+        "int8": ([(None, Int8Linear(w, kernel)) for w in base], lambda _, layer: layer(inputs[layer.in_features])),
+        "int4-g64": ([(None, Int4Linear(w, kernel, 64)) for w in base],
+                     lambda _, layer: layer(inputs[layer.in_features])),
+    }
+    del base
+    read = {name: [t for w, layer in items for t in ([w] if layer is None else
+                                                   [layer.packed, layer.scale, layer.rowsum]) if t.numel()]
+            for name, (items, _) in formats.items()}
+    ratios = {name: [] for name in formats}
+    with pooled_step():
+        for _ in range(args.blocks):
+            for name, (items, run) in formats.items():
+                linear_ms = 1000 * statistics.median(_timed(lambda: [run(w, layer) for w, layer in items])
+                                                     for _ in range(7))
+                read_ms = 1000 * statistics.median(_timed(lambda: kernel.stream_read(read[name])) for _ in range(7))
+                ratios[name].append((linear_ms, read_ms))
+    for name, pairs in ratios.items():
+        megabytes = sum(t.numel() * t.element_size() for t in read[name]) / 1e6
+        linear_ms = statistics.median(p[0] for p in pairs)
+        read_ms = statistics.median(p[1] for p in pairs)
+        print(f"{name:9s} {megabytes:6.0f} MB  linears {linear_ms:6.2f} ms  read {read_ms:6.2f} ms  "
+              f"ratio {linear_ms / read_ms:4.2f}  blocks {[round(a / b, 2) for a, b in pairs]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["kernel", "gelu", "layers", "threads", "attention", "int8pack", "t5",
                                          "cross", "stream", "prefill", "zerofill", "profile", "pool", "int4", "ttfa", "f32",
-                                         "prompts", "codec"])
+                                         "prompts", "codec", "linears"])
     parser.add_argument("--model", default="/tmp/mg-small")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
