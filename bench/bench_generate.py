@@ -3,6 +3,7 @@
     python bench/bench_generate.py --model /tmp/mg-small --steps 40 --rounds 3 --threads 2
     python bench/bench_generate.py --model /tmp/mg-small --quantize int8 --sessions 1,2,4,8 --no-transformers
     python bench/bench_generate.py --model /tmp/mg-small --paths float32,bfloat16,int8,int4 [--context 0]
+    python bench/bench_generate.py --model /tmp/mg-small --quantize int4 --engine-parts 60
 
 With --paths: per path the step, its floor and their ratio, alternating the paths block by block in one
 process. The floor is the time to read, once, every byte the step reads (the weights of every linear but the
@@ -129,6 +130,47 @@ def engine_realtime(model, sessions: int, seconds: float = 10.0) -> float:
     return seconds / wall
 
 
+def engine_parts(model, seconds: float) -> dict:
+    """One unpaced session through the engine at its default window, its turns taken apart: the decoder steps
+    alone, the steps that also carry a column of the re-prime's prepared sequence (`FrameSource.next_columns`),
+    and the streaming codec per frame. What bounds a session that is not live, part by part."""
+    from server import audio_out
+
+    parts = {"step": [], "step with a prepared column": [], "codec": []}
+    frames_decoded = [0]
+    plain_step = model.step
+
+    def timed_step(states, max_prefill_columns=None, prefills=()):
+        started = time.perf_counter()
+        result = plain_step(states, max_prefill_columns, prefills)
+        parts["step with a prepared column" if prefills else "step"].append(time.perf_counter() - started)
+        return result
+
+    plain_decode = audio_out.AudioOut._decode
+
+    def timed_decode(self, frames):
+        started = time.perf_counter()
+        result = plain_decode(self, frames)
+        parts["codec"].append(time.perf_counter() - started)
+        frames_decoded[0] += frames.shape[1]
+        return result
+
+    model.step, audio_out.AudioOut._decode = timed_step, timed_decode
+    try:
+        rtf = engine_realtime(model, 1, seconds)
+    finally:
+        del model.step
+        audio_out.AudioOut._decode = plain_decode
+    result = {"engine_rtf": round(rtf, 3)}
+    for name in ("step", "step with a prepared column"):
+        times = parts[name]
+        result[name] = {"count": len(times), "mean_ms": round(1000 * statistics.mean(times), 2) if times else None,
+                        "total_s": round(sum(times), 2)}
+    result["codec"] = {"calls": len(parts["codec"]), "ms_per_frame": round(1000 * sum(parts["codec"]) /
+                       max(1, frames_decoded[0]), 2), "total_s": round(sum(parts["codec"]), 2)}
+    return result
+
+
 PATHS = {"float32": {}, "bfloat16": {"dtype": torch.bfloat16}, "int8": {"quantize": "int8"},
          "int4": {"quantize": "int4"}, "int4-g32": {"quantize": "int4-g32"}, "int4-g128": {"quantize": "int4-g128"},
          "int8-fbgemm": {"quantize": "int8-fbgemm"}}
@@ -237,6 +279,9 @@ def parse(argv=None):
     parser.add_argument("--sessions", default="1,2,4,8", help="comma-separated session counts for the sweep")
     parser.add_argument("--engine-sessions", type=int, default=0,
                         help="also run this many concurrent 10 s sessions through the server's engine")
+    parser.add_argument("--engine-parts", type=float, default=0, metavar="SECONDS",
+                        help="instead: one unpaced session of this many seconds through the engine (default window "
+                             "and re-primes), its decoder steps, steps carrying a prepared column, and codec apart")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--at-seconds", default="",
@@ -250,6 +295,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.paths:
         floor_table(args)
+        return
+    if args.engine_parts:
+        model = fresh(load_ours, args)
+        print(json.dumps(fresh(engine_parts, model, args.engine_parts), indent=1))
         return
     # Every measurement runs on a thread that ends (call_in_fresh_thread): an OpenMP pool left on this thread
     # would slow the engine's own thread, as in a server that loaded its model on a living thread.
