@@ -239,23 +239,25 @@ INT4_GROUPS = (32, 64, 128)  # inputs per weight scale
 
 
 def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> int4 values in [-8, 7] (int8 storage) and one float32 scale per `group` inputs of each
+    """(out, in) float -> int4 values in [-8, 7] (int8 storage) and one bfloat16 scale per `group` inputs of each
     output row, (out, ceil(in / group)); the last group is zero-padded. Per group the value of largest
-    magnitude maps to -8 exactly (scale = that value / -8), so all 16 levels are used and the extreme is exact."""
+    magnitude maps to -8 (scale = that value / -8, rounded to bfloat16: the extreme comes back within 0.4%), so
+    all 16 levels are used; every value rounds to the nearest level of the stored scale. bfloat16 scales are
+    half the bytes of float32 ones (at group 64, 5% of what a step reads) and keep float32's range."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
     weight = weight.detach().float()
     out, width = weight.shape
     groups = -(-width // group)
     values = torch.empty(out, groups * group, dtype=torch.int8)
-    scales = torch.empty(out, groups, dtype=torch.float32)
+    scales = torch.empty(out, groups, dtype=torch.bfloat16)
     for start in range(0, out, 256):  # in slices: no full-size float temporaries
         rows = weight[start: start + 256]
         padded = torch.zeros(rows.shape[0], groups * group)
         padded[:, :width] = rows
         grouped = padded.view(rows.shape[0], groups, group)
         extreme = grouped.gather(2, grouped.abs().argmax(dim=2, keepdim=True)).squeeze(2)
-        scale = torch.where(extreme != 0, extreme / -8, torch.ones_like(extreme))
+        scale = torch.where(extreme != 0, extreme / -8, torch.ones_like(extreme)).to(torch.bfloat16).float()
         values[start: start + 256] = torch.round(grouped / scale[..., None]).clamp_(-8, 7).view(rows.shape[0], -1)
         scales[start: start + 256] = scale
     return values[:, :width].contiguous(), scales
@@ -274,7 +276,7 @@ def pack_int4(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[t
     unsigned[:out, :width] = (values + 8).to(torch.uint8)
     halves = unsigned.view(out_padded // 16, 16, in_padded // 8, 2, 4)
     packed = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
-    padded_scales = torch.ones(out_padded, groups, dtype=torch.float32)
+    padded_scales = torch.ones(out_padded, groups, dtype=torch.bfloat16)
     padded_scales[:out] = scales
     return packed, padded_scales.view(out_padded // 16, 16, groups).permute(0, 2, 1).contiguous()
 
@@ -301,13 +303,13 @@ def reference_linear_int4(x: torch.Tensor, values: torch.Tensor, scales: torch.T
     dots = torch.einsum("mgk,ogk->mog", padded_q.view(-1, groups, group), padded_w.view(out, groups, group))
     acc = torch.zeros(quantized.shape[0], out, dtype=torch.float32)
     for g in range(groups):
-        acc = acc + dots[:, :, g].float() * scales[None, :, g]
+        acc = acc + dots[:, :, g].float() * scales[None, :, g].float()
     y = acc * row_scale[:, None]
     return y.reshape(*x.shape[:-1], out)
 
 
 class Int4Linear(nn.Module):
-    """A bias-free linear layer with int4 weights (a float scale per `group` inputs of each output) run by our
+    """A bias-free linear layer with int4 weights (a bfloat16 scale per `group` inputs of each output) run by our
     kernel; activations per row in int8 as for Int8Linear. applies_gelu as there."""
 
     def __init__(self, weight: torch.Tensor, kernel, group: int, applies_gelu: bool = False):

@@ -8,7 +8,7 @@ Schemes:
 - "int8": our kernel (int8_kernel.py: per-channel weights, per-row activations; AVX-512 VNNI or AVX2 + FMA)
   where this CPU and a compiler allow it, otherwise fbgemm (logged once).
 - "int8-fbgemm": torch.ao's dynamic quantized Linear (fbgemm on x86, qnnpack on Arm; per-tensor scales).
-- "int4-g32", "int4-g64", "int4-g128": our kernel's int4 weights with a float scale per 32/64/128 inputs of
+- "int4-g32", "int4-g64", "int4-g128": our kernel's int4 weights with a bfloat16 scale per 32/64/128 inputs of
   each output (int8_kernel.Int4Linear; AVX2 + FMA). "int4" is int4-g64. No fallback: without the kernel,
   loading fails and says why.
 """

@@ -9,23 +9,30 @@
 // Math (exact in int32 per group, then float per group in a fixed order):
 //   q[m, i]  = round(x[m, i] / sx[m])  in [-127, 127]   (sx[m] = max_i |x[m, i]| / 127, or 1 for a zero row)
 //   d[m,o,g] = sum_{i in group g} q[m, i] * (u[o, i] - 8)   (u = the stored nibble, 0..15; weight = u - 8)
-//   acc      = 0;  for g in order: acc = acc + float(d[m,o,g]) * scale[o, g]   (a multiply, then an add)
+//   acc      = 0;  for g in order: acc = acc + float(d[m,o,g]) * scale[o, g]   (a multiply, then an add; the
+//              scale is stored in bfloat16 and widened exactly)
 //   y[m, o]  = acc * sx[m]
 // Layout: packed[o / 16][i / 8][o % 16][j] (uint8, j < 4) holds input i + j in its low nibble and i + 4 + j in
-// its high one; scales[o / 16][g][o % 16] (float). Outputs padded to 16, inputs to the group (a multiple of 32).
+// its high one; scales[o / 16][g][o % 16] (bfloat16: half the bytes of float32 scales, 5% of what a step reads
+// at group 64). Outputs padded to 16, inputs to the group (a multiple of 32).
 #pragma once
 
 namespace {
 
 #ifdef MUSICGEN_HAVE_AVX2_OPS
+// 8 bfloat16 scales as float32 (the top half of a float32: exact).
+inline __m256 widen_scales8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 // Output block b (16 outputs: two halves of 8) for M rows. Within 32 inputs the int16 sums cannot overflow
 // (4 x 2 x 2 products of |u| <= 15 and |q| <= 127: <= 30480), so they widen to int32 once per 32 inputs.
 template <int M>
-void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const float* scales,
+void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const uint16_t* scales,
                  float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b, bool gelu) {
   const int64_t groups = in_padded / group;
   const uint8_t* block = packed + b * in_padded * 8;  // 16 outputs x in_padded / 2 bytes
-  const float* block_scales = scales + b * groups * 16;
+  const uint16_t* block_scales = scales + b * groups * 16;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[M][2];
@@ -56,11 +63,12 @@ void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const u
       for (int m = 0; m < M; ++m)
         for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(part[m][h], ones));
     }
+    const __m256 scale[2] = {widen_scales8(block_scales + g * 16), widen_scales8(block_scales + g * 16 + 8)};
     for (int m = 0; m < M; ++m) {
       const __m256i zero_point = _mm256_set1_epi32(8 * xsum[m * groups + g]);  // the weights are u - 8
       for (int h = 0; h < 2; ++h) {
         const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][h], zero_point));
-        total[m][h] = _mm256_add_ps(total[m][h], _mm256_mul_ps(dot, _mm256_loadu_ps(block_scales + g * 16 + h * 8)));
+        total[m][h] = _mm256_add_ps(total[m][h], _mm256_mul_ps(dot, scale[h]));
       }
     }
   }
@@ -84,11 +92,11 @@ void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const u
 // operations per group are the AVX2 block's, lane for lane: the same bits.
 template <int M>
 void gemv4_block_vnni(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed,
-                      const float* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
+                      const uint16_t* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
                       bool gelu) {
   const int64_t groups = in_padded / group;
   const uint8_t* block = packed + b * in_padded * 8;  // 16 outputs x in_padded / 2 bytes
-  const float* block_scales = scales + b * groups * 16;
+  const uint16_t* block_scales = scales + b * groups * 16;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
@@ -108,7 +116,8 @@ void gemv4_block_vnni(const int8_t* xq, const int32_t* xsum, const float* sx, co
         acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, _mm512_set1_epi32(second));
       }
     }
-    const __m512 scale = _mm512_loadu_ps(block_scales + g * 16);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(  // bfloat16 widened exactly
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block_scales + g * 16))), 16));
     for (int m = 0; m < M; ++m) {
       const __m512i zero_point = _mm512_set1_epi32(8 * xsum[m * groups + g]);  // the weights are u - 8
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), zero_point));
@@ -138,7 +147,7 @@ std::string int4_isa() {
 
 // Output block b for M rows with the best block this build has.
 template <int M>
-inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const float* scales,
+inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const uint16_t* scales,
                   float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b, bool gelu) {
 #if defined(MUSICGEN_HAVE_VNNI)
   gemv4_block_vnni<M>(xq, xsum, sx, packed, scales, y, in_padded, group, out, b, gelu);
@@ -185,7 +194,7 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
               packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed: uint8 [out/16, in/8, 16, 4]");
   const int64_t blocks = packed.size(0), in_padded = packed.size(1) * 8;
   TORCH_CHECK(in_padded % group == 0 && scales.dim() == 3 && scales.size(0) == blocks &&
-              scales.size(1) == in_padded / group && scales.size(2) == 16 && scales.scalar_type() == torch::kFloat32 &&
+              scales.size(1) == in_padded / group && scales.size(2) == 16 && scales.scalar_type() == torch::kBFloat16 &&
               scales.is_contiguous() && out > blocks * 16 - 16 && out <= blocks * 16,
               "scales / group / out do not match the packed weight");
   const int64_t in = x.size(-1);
@@ -203,7 +212,7 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
   const int8_t* q = reinterpret_cast<const int8_t*>(bytes);
   const float* s = a.scales.data();
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  const float* ws = scales.data_ptr<float>();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = in_padded * 8;
   const int64_t tile = std::max<int64_t>(1, (256 * 1024) / block_bytes);  // as in `linear`: a prefill's rows
