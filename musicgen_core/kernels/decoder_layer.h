@@ -33,6 +33,16 @@ bool g_use_openmp = false;
 // (a burst), so a region costs a few us; at 300 frames of context on the 2-core Xeon 256 KB made an int8 step
 // 31.4 ms against 34.0 with 2 MB.
 int64_t g_attention_chunk_bytes = 256 << 10;
+// ... and, while the pool is hot (a step on a machine to itself), into at least this many units where a
+// sequence has that many (row, head) pairs: by bytes alone, a sequence's attention below ~128 frames of context
+// (and every cross-attention over a prompt's few tokens) was one unit, run by the caller while the helpers
+// waited: ~0.7 ms of a 10 ms int4 step at context 0-60 on the 2-core Xeon, where a call's fixed cost outweighs
+// its few keys. 4 units: the int4 step 2.6-4% faster at context 0, 6.7-7.3% at 60, 4.7% at 1200 (the
+// cross-attention), alternating in one process; 8 and 16 no better. Contended (a busy process beside us), every
+// extra region is another chance to wait for a preempted helper: an int8 step at 600 frames took 40.7 ms
+// against 33.2 with the cross-attention cut in four, so there it stays whole (28.8 / 35.9 against 29.9 / 35.1
+// ms at 0 / 600 frames with this rule; the synthetic DAW 27.8 / 33.4 against 28.5 / 33.2).
+constexpr int64_t kAttentionLeastUnits = 4;
 
 // Defined in int8_gemv.cpp: x (..., in_features) float32 @ the dequantized packed weight, then GELU if gelu.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor rowsum, torch::Tensor scale,
@@ -208,12 +218,14 @@ class DecoderLayerStep {
     };
     std::vector<Unit> units;
     const int64_t unit_bytes = g_attention_chunk_bytes;
+    const int64_t least_units = musicgen::ElasticPool::instance().is_hot() ? kAttentionLeastUnits : 1;
     for (const auto& s : sequences) {
       const int64_t keys = cross ? s.text : s.length + 1;
       const int64_t element = cross ? (s.cross_bf16 ? 2 : 4)
                                     : s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
       const int64_t bytes = 2 * s.rows * heads_ * keys * head_dim * element;
-      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, 1, s.rows * heads_);
+      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes,
+                                                                  std::min(least_units, s.rows * heads_), s.rows * heads_);
       const int64_t row_step = chunks >= s.rows ? 1 : s.rows;  // rows first, then heads within a row
       const int64_t head_groups = std::max<int64_t>(1, chunks / (s.rows / row_step));
       const int64_t per_group = (heads_ + head_groups - 1) / head_groups;
