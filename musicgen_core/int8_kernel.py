@@ -243,7 +243,8 @@ def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor
     output row, (out, ceil(in / group)); the last group is zero-padded. Per group the value of largest
     magnitude maps to -8 (scale = that value / -8, rounded to bfloat16: the extreme comes back within 0.4%), so
     all 16 levels are used; every value rounds to the nearest level of the stored scale. bfloat16 scales are
-    half the bytes of float32 ones (at group 64, 5% of what a step reads) and keep float32's range."""
+    half the bytes of float32 ones (at group 64, 5% of what a step reads) and keep float32's range (a group
+    whose scale rounds to 0, all below ~1e-39, gets scale 1 and values 0, as an all-zero group does)."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
     weight = weight.detach().float()
@@ -257,7 +258,8 @@ def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor
         padded[:, :width] = rows
         grouped = padded.view(rows.shape[0], groups, group)
         extreme = grouped.gather(2, grouped.abs().argmax(dim=2, keepdim=True)).squeeze(2)
-        scale = torch.where(extreme != 0, extreme / -8, torch.ones_like(extreme)).to(torch.bfloat16).float()
+        rounded = (extreme / -8).to(torch.bfloat16).float()  # tested after rounding: below ~1e-39 it is 0
+        scale = torch.where(rounded != 0, rounded, torch.ones_like(rounded))
         values[start: start + 256] = torch.round(grouped / scale[..., None]).clamp_(-8, 7).view(rows.shape[0], -1)
         scales[start: start + 256] = scale
     return values[:, :width].contiguous(), scales

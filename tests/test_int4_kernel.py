@@ -56,6 +56,14 @@ def test_weights_use_all_sixteen_levels_and_each_groups_extreme_sets_its_bfloat1
     assert (error[clamped] <= step.abs()[clamped] * (1 + 2 ** -5)).all()
 
 
+def test_a_group_too_small_for_a_bfloat16_scale_becomes_zeros_with_scale_one():
+    weight = torch.randn(2, 128)
+    weight[0] *= 1e-41  # every scale would round to 0 in bfloat16
+    values, scales = quantize_weight_int4(weight, 64)
+    assert scales[0].eq(1).all() and values[0].eq(0).all()
+    assert scales[1].ne(1).all() and values[1].min() == -8
+
+
 def test_packing_round_trips():
     weight = torch.randn(37, 100)
     values, scales = quantize_weight_int4(weight, 32)

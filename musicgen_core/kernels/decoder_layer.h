@@ -209,7 +209,8 @@ class DecoderLayerStep {
   // Attention of every sequence's rows: self-attention (queries in `queries`, `query_stride` floats a row,
   // against the cache including the new column) or cross-attention (against the conditioning, masked). Out:
   // (rows, width), head after head, as the Python layers' transpose-and-reshape lays it out. Cut into units of
-  // (rows, heads) that the pool shares where a sequence reads enough bytes.
+  // (rows, heads) that the pool shares where a sequence reads enough bytes, and into at least
+  // kAttentionLeastUnits while the pool is hot.
   void attend(const std::vector<Sequence>& sequences, const float* queries, int64_t query_stride, float* out,
               int64_t width, int64_t head_dim, bool cross) const {
     struct Unit {
