@@ -137,7 +137,7 @@ def engine_parts(model, seconds: float) -> dict:
     from server import audio_out
 
     parts = {"step": [], "step with a prepared column": [], "codec": []}
-    frames_decoded = [0]
+    frames_decoded = 0
     plain_step = model.step
 
     def timed_step(states, max_prefill_columns=None, prefills=()):
@@ -149,10 +149,11 @@ def engine_parts(model, seconds: float) -> dict:
     plain_decode = audio_out.AudioOut._decode
 
     def timed_decode(self, frames):
+        nonlocal frames_decoded
         started = time.perf_counter()
         result = plain_decode(self, frames)
         parts["codec"].append(time.perf_counter() - started)
-        frames_decoded[0] += frames.shape[1]
+        frames_decoded += frames.shape[1]
         return result
 
     model.step, audio_out.AudioOut._decode = timed_step, timed_decode
@@ -167,7 +168,7 @@ def engine_parts(model, seconds: float) -> dict:
         result[name] = {"count": len(times), "mean_ms": round(1000 * statistics.mean(times), 2) if times else None,
                         "total_s": round(sum(times), 2)}
     result["codec"] = {"calls": len(parts["codec"]), "ms_per_frame": round(1000 * sum(parts["codec"]) /
-                       max(1, frames_decoded[0]), 2), "total_s": round(sum(parts["codec"]), 2)}
+                       max(1, frames_decoded), 2), "total_s": round(sum(parts["codec"]), 2)}
     return result
 
 

@@ -225,8 +225,8 @@ class DecoderLayerStep {
       const int64_t element = cross ? (s.cross_bf16 ? 2 : 4)
                                     : s.cache == Cache::f32 ? 4 : s.cache == Cache::bf16 ? 2 : 1;
       const int64_t bytes = 2 * s.rows * heads_ * keys * head_dim * element;
-      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes,
-                                                                  std::min(least_units, s.rows * heads_), s.rows * heads_);
+      const int64_t pairs = s.rows * heads_, least = std::min(least_units, pairs);
+      const int64_t chunks = g_use_openmp ? 1 : std::clamp<int64_t>(bytes / unit_bytes, least, pairs);
       const int64_t row_step = chunks >= s.rows ? 1 : s.rows;  // rows first, then heads within a row
       const int64_t head_groups = std::max<int64_t>(1, chunks / (s.rows / row_step));
       const int64_t per_group = (heads_ + head_groups - 1) / head_groups;

@@ -1,6 +1,6 @@
 // Int4 weights (group-wise scales) x int8 activations for the decoder's few-row steps: AVX-512 VNNI, or AVX2 + FMA
 // (every x86-64 CPU of this project), whichever the build has, as the int8 kernel. Included by int8_gemv.cpp
-// after its helpers (quantize_rows, the GELUs), in the same translation unit.
+// after its helpers (quantize_rows, the GELUs) and attention_one.h (load8, Lanes16), in the same translation unit.
 //
 // A step is bound by streaming the weights: 4 bits read half the bytes of int8. On AVX2 the u4 weights are the
 // unsigned operand of vpmaddubsw directly (no |w| / sign trick as in the int8 kernel), so a weight costs fewer
@@ -20,19 +20,15 @@
 namespace {
 
 #ifdef MUSICGEN_HAVE_AVX2_OPS
-// 8 bfloat16 scales as float32 (the top half of a float32: exact).
-inline __m256 widen_scales8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
 // Output block b (16 outputs: two halves of 8) for M rows. Within 32 inputs the int16 sums cannot overflow
 // (4 x 2 x 2 products of |u| <= 15 and |q| <= 127: <= 30480), so they widen to int32 once per 32 inputs.
 template <int M>
-void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const uint16_t* scales,
-                 float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b, bool gelu) {
+void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed,
+                 const at::BFloat16* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
+                 bool gelu) {
   const int64_t groups = in_padded / group;
   const uint8_t* block = packed + b * in_padded * 8;  // 16 outputs x in_padded / 2 bytes
-  const uint16_t* block_scales = scales + b * groups * 16;
+  const at::BFloat16* block_scales = scales + b * groups * 16;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[M][2];
@@ -63,7 +59,7 @@ void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const u
       for (int m = 0; m < M; ++m)
         for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(part[m][h], ones));
     }
-    const __m256 scale[2] = {widen_scales8(block_scales + g * 16), widen_scales8(block_scales + g * 16 + 8)};
+    const __m256 scale[2] = {load8(block_scales + g * 16), load8(block_scales + g * 16 + 8)};  // widened exactly
     for (int m = 0; m < M; ++m) {
       const __m256i zero_point = _mm256_set1_epi32(8 * xsum[m * groups + g]);  // the weights are u - 8
       for (int h = 0; h < 2; ++h) {
@@ -92,11 +88,11 @@ void gemv4_block(const int8_t* xq, const int32_t* xsum, const float* sx, const u
 // operations per group are the AVX2 block's, lane for lane: the same bits.
 template <int M>
 void gemv4_block_vnni(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed,
-                      const uint16_t* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
+                      const at::BFloat16* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
                       bool gelu) {
   const int64_t groups = in_padded / group;
   const uint8_t* block = packed + b * in_padded * 8;  // 16 outputs x in_padded / 2 bytes
-  const uint16_t* block_scales = scales + b * groups * 16;
+  const at::BFloat16* block_scales = scales + b * groups * 16;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
@@ -116,8 +112,7 @@ void gemv4_block_vnni(const int8_t* xq, const int32_t* xsum, const float* sx, co
         acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, _mm512_set1_epi32(second));
       }
     }
-    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(  // bfloat16 widened exactly
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block_scales + g * 16))), 16));
+    const __m512 scale = Lanes16::load(block_scales + g * 16);  // widened exactly
     for (int m = 0; m < M; ++m) {
       const __m512i zero_point = _mm512_set1_epi32(8 * xsum[m * groups + g]);  // the weights are u - 8
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), zero_point));
@@ -147,8 +142,9 @@ std::string int4_isa() {
 
 // Output block b for M rows with the best block this build has.
 template <int M>
-inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed, const uint16_t* scales,
-                  float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b, bool gelu) {
+inline void gemv4(const int8_t* xq, const int32_t* xsum, const float* sx, const uint8_t* packed,
+                  const at::BFloat16* scales, float* y, int64_t in_padded, int64_t group, int64_t out, int64_t b,
+                  bool gelu) {
 #if defined(MUSICGEN_HAVE_VNNI)
   gemv4_block_vnni<M>(xq, xsum, sx, packed, scales, y, in_padded, group, out, b, gelu);
 #elif defined(MUSICGEN_HAVE_AVX2_OPS)
@@ -212,7 +208,7 @@ torch::Tensor linear4(torch::Tensor x, torch::Tensor packed, torch::Tensor scale
   const int8_t* q = reinterpret_cast<const int8_t*>(bytes);
   const float* s = a.scales.data();
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const at::BFloat16* ws = scales.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
   const int64_t block_bytes = in_padded * 8;
   const int64_t tile = std::max<int64_t>(1, (256 * 1024) / block_bytes);  // as in `linear`: a prefill's rows
